@@ -1,0 +1,61 @@
+"""Run large batches of LLM calls as Prefect tasks.
+
+Strategies (how a call is made) are Prefect blocks; each work item is a task run whose
+retries follow an error classifier; a flow-level context manager prepares each shared
+strategy once and cleans it up once; results account for every token billed.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prefect_batch_llm.config import ProcessorConfig, RetryConfig
+from prefect_batch_llm.errors import (
+    CacheExpiredError,
+    DefaultErrorClassifier,
+    ErrorCategory,
+    ErrorClassifier,
+    ErrorInfo,
+    FrameworkTimeoutError,
+    LLMCallError,
+    OutputValidationError,
+    PermanentError,
+    RateLimitError,
+    TransientError,
+)
+from prefect_batch_llm.items import LLMWorkItem
+from prefect_batch_llm.processor import ParallelBatchProcessor, ProcessingStats
+from prefect_batch_llm.results import BatchResult, ModelPricing, TokenUsage, WorkItemResult
+from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, StrategyBlock
+from prefect_batch_llm.testing.mock import MockStrategy
+
+try:
+    __version__ = version("prefect-batch-llm")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BatchResult",
+    "CacheExpiredError",
+    "DefaultErrorClassifier",
+    "ErrorCategory",
+    "ErrorClassifier",
+    "ErrorInfo",
+    "FrameworkTimeoutError",
+    "LLMCallError",
+    "LLMCallStrategy",
+    "LLMWorkItem",
+    "MockStrategy",
+    "ModelPricing",
+    "OutputValidationError",
+    "ParallelBatchProcessor",
+    "PermanentError",
+    "ProcessingStats",
+    "ProcessorConfig",
+    "RateLimitError",
+    "RetryConfig",
+    "RetryState",
+    "StrategyBlock",
+    "TokenUsage",
+    "TransientError",
+    "WorkItemResult",
+    "__version__",
+]

@@ -1,0 +1,77 @@
+"""Processor settings. Pydantic models, so they validate and work as flow parameters."""
+
+from __future__ import annotations
+
+import random
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RetryConfig(BaseModel):
+    """How failed attempts are retried.
+
+    `max_attempts` bounds calls for transient, timeout and validation errors. Rate limits
+    have their own budget, `max_rate_limit_retries`, and never use up attempts.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(3, ge=1, description="Attempts per item (1 = no retries).")
+    initial_wait: float = Field(1.0, ge=0, description="Backoff before the 2nd attempt, seconds.")
+    max_wait: float = Field(60.0, ge=0, description="Upper bound of any backoff, seconds.")
+    exponential_base: float = Field(2.0, ge=1, description="Backoff growth per attempt.")
+    jitter: bool = Field(True, description="Randomise backoffs (full jitter over the upper half).")
+    max_rate_limit_retries: int = Field(
+        10, ge=0, description="Retries after rate limits, on top of max_attempts."
+    )
+
+    @model_validator(mode="after")
+    def _waits_ordered(self) -> RetryConfig:
+        if self.max_wait < self.initial_wait:
+            raise ValueError(
+                f"max_wait ({self.max_wait}) is smaller than initial_wait ({self.initial_wait}); "
+                "raise max_wait or lower initial_wait."
+            )
+        return self
+
+    def backoff(self, failed_attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after attempt number `failed_attempt` (1-based) failed."""
+        wait = min(self.max_wait, self.initial_wait * self.exponential_base ** (failed_attempt - 1))
+        if self.jitter and wait > 0:
+            wait = (rng or random).uniform(wait / 2, wait)
+        return wait
+
+
+class ProcessorConfig(BaseModel):
+    """Settings of a [`ParallelBatchProcessor`][prefect_batch_llm.ParallelBatchProcessor]."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_workers: int = Field(5, ge=1, le=4096, description="Items in flight at once.")
+    timeout_per_item: float = Field(
+        120.0, gt=0, description="Seconds one attempt may take before it is a timeout."
+    )
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    total_timeout_per_item: float | None = Field(
+        None, gt=0, description="Seconds an item may take over all attempts and waits."
+    )
+    batch_timeout: float | None = Field(
+        None, gt=0, description="Seconds `process_all()` may take; unfinished items then fail."
+    )
+    max_requests_per_minute: float | None = Field(
+        None, gt=0, description="Pace call starts to this rate (per rate-limit scope)."
+    )
+    dry_run: bool = Field(
+        False, description="Call each strategy's `dry_run()` instead of the LLM; no tokens billed."
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> ProcessorConfig:
+        total = self.total_timeout_per_item
+        if total is not None and total < self.timeout_per_item:
+            raise ValueError(
+                f"total_timeout_per_item ({total}) is shorter than timeout_per_item "
+                f"({self.timeout_per_item}): no attempt could use its full time. Raise "
+                "total_timeout_per_item or lower timeout_per_item."
+            )
+        return self

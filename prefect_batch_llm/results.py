@@ -1,0 +1,200 @@
+"""What a batch produces: per-item results, batch totals, token accounting and cost."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypedDict, TypeVar, cast
+
+TOutput = TypeVar("TOutput")
+TContext = TypeVar("TContext")
+
+
+class TokenUsage(TypedDict, total=False):
+    """Tokens of one call (or the sum over an item's attempts).
+
+    `input_tokens` includes `cached_input_tokens` (the provider's convention); a missing key
+    counts as 0. Strategies may add other integer counters (e.g. `thoughts_tokens`).
+    """
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    cached_input_tokens: int
+    thoughts_tokens: int
+
+
+TOKEN_KEYS: tuple[str, ...] = tuple(TokenUsage.__annotations__)
+
+
+def validate_token_usage(usage: Any, *, source: str) -> TokenUsage:
+    """Check a strategy's usage mapping: known keys, non-negative integers.
+
+    Raises:
+        ValueError: naming the bad key and the fix.
+    """
+    if usage is None:
+        return TokenUsage()
+    if not isinstance(usage, dict):
+        raise ValueError(
+            f"{source} returned token usage of type {type(usage).__name__}; return a dict such "
+            'as {"input_tokens": 10, "output_tokens": 5}.'
+        )
+    clean: dict[str, int] = {}
+    for key, value in usage.items():
+        if key not in TOKEN_KEYS:
+            raise ValueError(
+                f"{source} returned an unknown token usage key {key!r}; "
+                f"use only {', '.join(TOKEN_KEYS)}."
+            )
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"{source} returned {key}={value!r}; token counts must be non-negative integers."
+            )
+        clean[key] = value
+    return cast(TokenUsage, clean)
+
+
+def add_usage(total: TokenUsage, extra: TokenUsage) -> None:
+    """Add `extra` into `total` in place."""
+    counts = cast(dict[str, int], total)
+    for key, value in extra.items():
+        counts[key] = counts.get(key, 0) + cast(int, value)
+
+
+@dataclass(frozen=True)
+class ModelPricing:
+    """List prices in US dollars per million tokens.
+
+    `cached_input_per_million` defaults to 10% of the input price (Gemini's cached rate).
+    """
+
+    input_per_million: float
+    output_per_million: float
+    cached_input_per_million: float | None = None
+
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        """Dollars for these tokens; `input_tokens` includes `cached_tokens`."""
+        cached_price = (
+            self.cached_input_per_million
+            if self.cached_input_per_million is not None
+            else self.input_per_million * 0.1
+        )
+        uncached = max(0, input_tokens - cached_tokens)
+        return (
+            uncached * self.input_per_million
+            + cached_tokens * cached_price
+            + output_tokens * self.output_per_million
+        ) / 1_000_000
+
+
+@dataclass
+class WorkItemResult(Generic[TOutput, TContext]):
+    """The one terminal result of one work item.
+
+    Attributes:
+        item_id: The item's id.
+        success: Whether an attempt succeeded.
+        output: The strategy's output (None on failure).
+        error: `Type: message` of the last error, on failure.
+        error_category: The classifier's category of the last error, on failure.
+        token_usage: Tokens summed over every attempt, failed ones included.
+        metadata: What the successful attempt's strategy returned as metadata.
+        attempts: How many times the strategy was called for this item.
+        context: The work item's context, passed through.
+        retries_by_category: How many retries each error category caused.
+        duration: Seconds from the item's first attempt to its result.
+    """
+
+    item_id: str
+    success: bool
+    output: TOutput | None = None
+    error: str | None = None
+    error_category: str | None = None
+    token_usage: TokenUsage = field(default_factory=lambda: TokenUsage())
+    metadata: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    context: TContext | None = None
+    retries_by_category: dict[str, int] = field(default_factory=dict)
+    duration: float = 0.0
+
+
+@dataclass
+class BatchResult(Generic[TOutput, TContext]):
+    """All results of a batch, with totals computed from them."""
+
+    results: list[WorkItemResult[TOutput, TContext]]
+    total_items: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    total_cached_tokens: int = 0
+    duration: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.total_items = len(self.results)
+        self.succeeded = sum(1 for r in self.results if r.success)
+        self.failed = self.total_items - self.succeeded
+        self.total_input_tokens = sum(r.token_usage.get("input_tokens", 0) for r in self.results)
+        self.total_output_tokens = sum(r.token_usage.get("output_tokens", 0) for r in self.results)
+        self.total_cached_tokens = sum(
+            r.token_usage.get("cached_input_tokens", 0) for r in self.results
+        )
+
+    def cache_hit_rate(self) -> float:
+        """Cached input tokens as a percentage of all input tokens (0.0 when there are none)."""
+        if self.total_input_tokens == 0:
+            return 0.0
+        return self.total_cached_tokens / self.total_input_tokens * 100.0
+
+    def effective_input_tokens(self, cached_token_rate: float = 0.1) -> int:
+        """Input tokens weighted by price: a cached token costs `cached_token_rate` of one.
+
+        The default 0.1 is Gemini's cached-token discount.
+        """
+        if not 0.0 <= cached_token_rate <= 1.0:
+            raise ValueError(f"cached_token_rate must be in [0, 1], got {cached_token_rate}.")
+        discount = round(self.total_cached_tokens * (1.0 - cached_token_rate))
+        return self.total_input_tokens - discount
+
+    def estimated_cost(self, pricing: ModelPricing) -> float:
+        """Dollars for every token billed in this batch, failed attempts included."""
+        return pricing.cost(
+            self.total_input_tokens, self.total_output_tokens, self.total_cached_tokens
+        )
+
+    def errors_by_category(self) -> dict[str, int]:
+        """How many items failed with each category."""
+        return dict(Counter(r.error_category or "unknown" for r in self.results if not r.success))
+
+    def retries_by_category(self) -> dict[str, int]:
+        """How many retries each category caused, over all items."""
+        total: Counter[str] = Counter()
+        for r in self.results:
+            total.update(r.retries_by_category)
+        return dict(total)
+
+    def summary(self, pricing: ModelPricing | None = None) -> dict[str, Any]:
+        """A JSON-ready digest of the batch."""
+        digest: dict[str, Any] = {
+            "total_items": self.total_items,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "success_rate": (self.succeeded / self.total_items * 100.0)
+            if self.total_items
+            else 0.0,
+            "total_input_tokens": self.total_input_tokens,
+            "total_output_tokens": self.total_output_tokens,
+            "total_cached_tokens": self.total_cached_tokens,
+            "cache_hit_rate": round(self.cache_hit_rate(), 2),
+            "effective_input_tokens": self.effective_input_tokens(),
+            "errors_by_category": self.errors_by_category(),
+            "retries_by_category": self.retries_by_category(),
+            "duration_seconds": round(self.duration, 3),
+        }
+        if pricing is not None:
+            digest["estimated_cost_usd"] = round(self.estimated_cost(pricing), 6)
+        return digest

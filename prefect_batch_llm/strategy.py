@@ -1,0 +1,176 @@
+"""The strategy contract: how one LLM call is made, plus its per-item retry state.
+
+A strategy is shared by many work items. The processor calls `prepare()` once per strategy
+instance before its first item, `execute()` once per attempt, `on_error()` after each failed
+attempt, and `cleanup()` once when the processor's context manager exits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar, Generic, TypeVar
+
+from prefect.blocks.core import Block
+from pydantic import HttpUrl
+
+from prefect_batch_llm._links import LOGO_URL, docs_page
+from prefect_batch_llm.errors import ErrorClassifier
+from prefect_batch_llm.results import TokenUsage
+
+TOutput = TypeVar("TOutput")
+
+# What `execute()` returns: (output, usage) or (output, usage, metadata).
+ExecuteResult = tuple[Any, TokenUsage] | tuple[Any, TokenUsage, dict[str, Any]]
+
+
+class RetryState:
+    """Per-item scratch space that survives across that item's attempts.
+
+    One instance per work item, passed to `execute()` and `on_error()` on every attempt and
+    never shared between items, so a strategy can carry feedback from a failed attempt to the
+    next one (e.g. the validation error, or "escalate to a stronger model").
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value stored under `key`, or `default`."""
+        return self._data.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        """Store `value` under `key`."""
+        self._data[key] = value
+
+    def delete(self, key: str, raise_if_missing: bool = False) -> None:
+        """Remove `key`; a missing key is ignored unless `raise_if_missing`."""
+        if raise_if_missing and key not in self._data:
+            raise KeyError(f"RetryState has no key {key!r}.")
+        self._data.pop(key, None)
+
+    def clear(self) -> None:
+        """Remove every key."""
+        self._data.clear()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"RetryState(keys={sorted(self._data)})"
+
+
+class LLMCallStrategy(ABC, Generic[TOutput]):
+    """Base class of every strategy: subclass it and implement `execute()`.
+
+    A plain subclass may have its own `__init__` (it lives only in memory). To save a strategy
+    as a Prefect block, subclass [`StrategyBlock`][prefect_batch_llm.StrategyBlock] instead.
+
+    Example:
+        ```python
+        class Summarize(LLMCallStrategy[str]):
+            async def execute(self, prompt, attempt, timeout, state=None):
+                return f"summary of {prompt}", {"input_tokens": 10, "output_tokens": 5}
+        ```
+    """
+
+    #: Classifier used for this strategy's errors unless the processor is given one.
+    error_classifier: ClassVar[ErrorClassifier | None] = None
+
+    async def prepare(self) -> None:
+        """Create shared resources (clients, caches). Called once per instance per batch."""
+
+    @abstractmethod
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> ExecuteResult:
+        """Make one LLM call.
+
+        Args:
+            prompt: The work item's prompt.
+            attempt: 1 for the first attempt; rate-limit and cache-expired retries repeat it.
+            timeout: Seconds this attempt has (the processor enforces it too).
+            state: The item's [`RetryState`][prefect_batch_llm.RetryState].
+
+        Returns:
+            `(output, token_usage)` or `(output, token_usage, metadata)`.
+        """
+
+    async def on_error(
+        self, exception: BaseException, attempt: int, state: RetryState | None = None
+    ) -> None:
+        """Called after each failed attempt, before the retry decision takes effect."""
+
+    async def cleanup(self) -> None:
+        """Release what `prepare()` made. Called once, when the processor's context exits."""
+
+    async def dry_run(self, prompt: Any) -> ExecuteResult:
+        """What `execute()` returns under `ProcessorConfig(dry_run=True)`: no call, no tokens."""
+        text = prompt if isinstance(prompt, str) else repr(prompt)
+        return f"[dry-run] {text[:80]}", TokenUsage(input_tokens=0, output_tokens=0)
+
+    def rate_limit_scope(self) -> str:
+        """Strategies returning the same scope share one rate-limit cooldown and pacing.
+
+        The default puts every strategy of a processor in one scope; provider strategies
+        narrow it to their endpoint and model.
+        """
+        return "default"
+
+
+class StrategyBlock(Block, LLMCallStrategy[Any], ABC):
+    """Base class of savable strategies: a Prefect block that is also a strategy.
+
+    Configuration goes in pydantic fields (saved with `.save(name)`, editable in the UI,
+    loaded with `.load(name)`); runtime state (clients, caches, locks) goes in `PrivateAttr`s,
+    which are never saved. Use `block_initialization()` instead of `__init__`.
+    """
+
+    _block_type_name = "LLM Strategy"
+    _logo_url = HttpUrl(LOGO_URL)
+    _documentation_url = HttpUrl(docs_page("concepts/strategies/"))
+
+
+def accepts_state(strategy: LLMCallStrategy[Any]) -> bool:
+    """Whether `strategy.execute` takes a `state` argument (batch-llm v0.1 strategies did not)."""
+    try:
+        parameters = inspect.signature(strategy.execute).parameters
+    except (TypeError, ValueError):
+        return True
+    return "state" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def unpack_execute_result(result: Any, *, source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Split `execute()`'s return value into (output, usage, metadata) with a clear error."""
+    if isinstance(result, tuple) and len(result) == 2:
+        return result[0], result[1], {}
+    if isinstance(result, tuple) and len(result) == 3:
+        metadata = result[2] if result[2] is not None else {}
+        if not isinstance(metadata, dict):
+            raise TypeError(
+                f"{source} returned metadata of type {type(metadata).__name__}; use a dict."
+            )
+        return result[0], result[1], metadata
+    raise TypeError(
+        f"{source} returned {type(result).__name__}; return (output, token_usage) or "
+        "(output, token_usage, metadata)."
+    )
+
+
+__all__ = [
+    "ExecuteResult",
+    "LLMCallStrategy",
+    "RetryState",
+    "StrategyBlock",
+    "accepts_state",
+    "unpack_execute_result",
+]
