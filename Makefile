@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export NO_MKDOCS_2_WARNING ?= 1
 
 .PHONY: install demo test lint docs check benchmark clean
 
