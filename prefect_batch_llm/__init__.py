@@ -21,6 +21,12 @@ from prefect_batch_llm.errors import (
     RateLimitError,
     TransientError,
 )
+from prefect_batch_llm.gemini import (
+    GeminiCachedStrategy,
+    GeminiCredentials,
+    GeminiErrorClassifier,
+    GeminiStrategy,
+)
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.processor import ParallelBatchProcessor, ProcessingStats
 from prefect_batch_llm.results import BatchResult, ModelPricing, TokenUsage, WorkItemResult
@@ -40,6 +46,10 @@ __all__ = [
     "ErrorClassifier",
     "ErrorInfo",
     "FrameworkTimeoutError",
+    "GeminiCachedStrategy",
+    "GeminiCredentials",
+    "GeminiErrorClassifier",
+    "GeminiStrategy",
     "LLMCallError",
     "LLMCallStrategy",
     "LLMWorkItem",

@@ -1,5 +1,13 @@
-"""Test helpers for users' own tests: a configurable mock strategy."""
+"""Test helpers for users' own tests: a mock strategy and a local Gemini API emulator."""
 
+from prefect_batch_llm.testing.emulator import EmulatorClock, Fault, GeminiEmulator, count_tokens
 from prefect_batch_llm.testing.mock import MockFailure, MockStrategy
 
-__all__ = ["MockFailure", "MockStrategy"]
+__all__ = [
+    "EmulatorClock",
+    "Fault",
+    "GeminiEmulator",
+    "MockFailure",
+    "MockStrategy",
+    "count_tokens",
+]

@@ -1,0 +1,194 @@
+"""`GeminiStrategy`: one `generateContent` call per attempt, as a savable block."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, ClassVar
+
+from google import genai
+from google.genai import types
+from pydantic import Field, HttpUrl, PrivateAttr
+
+from prefect_batch_llm._links import LOGO_URL, docs_page
+from prefect_batch_llm.errors import ErrorClassifier, OutputValidationError
+from prefect_batch_llm.gemini.credentials import GeminiCredentials
+from prefect_batch_llm.gemini.errors import (
+    GeminiContentBlockedError,
+    GeminiEmptyResponseError,
+    GeminiErrorClassifier,
+)
+from prefect_batch_llm.results import TokenUsage
+from prefect_batch_llm.strategy import ExecuteResult, RetryState, StrategyBlock
+
+logger = logging.getLogger("prefect_batch_llm")
+
+_BLOCKED_FINISH = {"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"}
+
+
+def usage_of(response: types.GenerateContentResponse) -> TokenUsage:
+    """Tokens Gemini billed: prompt (cached included), candidates + thoughts, cached."""
+    meta = response.usage_metadata
+    if meta is None:
+        return TokenUsage()
+    prompt = meta.prompt_token_count or 0
+    candidates = meta.candidates_token_count or 0
+    thoughts = meta.thoughts_token_count or 0
+    return TokenUsage(
+        input_tokens=prompt,
+        output_tokens=candidates + thoughts,
+        total_tokens=meta.total_token_count or prompt + candidates + thoughts,
+        cached_input_tokens=meta.cached_content_token_count or 0,
+        thoughts_tokens=thoughts,
+    )
+
+
+def _name(value: Any) -> str | None:
+    return None if value is None else str(getattr(value, "value", value))
+
+
+class GeminiStrategy(StrategyBlock):
+    """Calls a Gemini model once per attempt through the shared client of its credentials.
+
+    Returns the text, or the parsed JSON when `response_json_schema` is set; the token usage
+    including thinking and cached tokens; and metadata (finish reason, safety ratings, model
+    version). A blocked or empty answer raises a classified error carrying the billed tokens.
+
+    Example:
+        ```python
+        from prefect_batch_llm.gemini import GeminiStrategy
+
+        gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
+        ```
+    """
+
+    _block_type_name = "Gemini Strategy"
+    _logo_url = HttpUrl(LOGO_URL)
+    _documentation_url = HttpUrl(docs_page("guides/gemini/"))
+    _description = "Calls a Gemini model once per work item attempt."
+    _code_example = """
+```python
+from prefect_batch_llm.gemini import GeminiStrategy
+
+gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
+```
+"""
+
+    error_classifier: ClassVar[ErrorClassifier | None] = GeminiErrorClassifier()
+
+    credentials: GeminiCredentials = Field(
+        default_factory=GeminiCredentials, description="API key and endpoint."
+    )
+    model: str = Field(default="gemini-2.5-flash", description="Gemini model name.")
+    system_instruction: str | None = Field(
+        default=None, description="System instruction sent with every prompt."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Sampling temperature (model default if empty)."
+    )
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, description="Upper bound of output tokens per answer."
+    )
+    response_mime_type: str | None = Field(
+        default=None, description="Output format, e.g. application/json."
+    )
+    response_json_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON schema the answer must follow; output is parsed JSON."
+    )
+    safety_settings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Harm category to block threshold, e.g. HARM_CATEGORY_HATE_SPEECH: BLOCK_NONE.",
+    )
+    thinking_budget: int | None = Field(
+        default=None, ge=0, description="Thinking tokens budget (0 turns thinking off)."
+    )
+
+    _client: genai.Client | None = PrivateAttr(default=None)
+
+    async def prepare(self) -> None:
+        self._client = self.credentials.get_client()
+
+    def client(self) -> genai.Client:
+        """The client `prepare()` took (or the shared one, if used without a processor)."""
+        if self._client is None:
+            self._client = self.credentials.get_client()
+        return self._client
+
+    def rate_limit_scope(self) -> str:
+        return f"gemini|{self.credentials.endpoint()}|{self.model}"
+
+    def generation_config(
+        self, timeout: float, *, cached: bool = False
+    ) -> types.GenerateContentConfig:
+        """The request config; with a context cache, the system instruction lives in the cache."""
+        mime = self.response_mime_type
+        if self.response_json_schema is not None and mime is None:
+            mime = "application/json"
+        return types.GenerateContentConfig(
+            system_instruction=None if cached else self.system_instruction,
+            temperature=self.temperature,
+            max_output_tokens=self.max_output_tokens,
+            response_mime_type=mime,
+            response_json_schema=self.response_json_schema,
+            safety_settings=[
+                types.SafetySetting(category=category, threshold=threshold)
+                for category, threshold in self.safety_settings.items()
+            ]
+            or None,
+            thinking_config=(
+                types.ThinkingConfig(thinking_budget=self.thinking_budget)
+                if self.thinking_budget is not None
+                else None
+            ),
+            http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
+        )
+
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> ExecuteResult:
+        response = await self.client().aio.models.generate_content(
+            model=self.model, contents=prompt, config=self.generation_config(timeout)
+        )
+        return self.parse_response(response)
+
+    def parse_response(self, response: types.GenerateContentResponse) -> ExecuteResult:
+        """(output, usage, metadata), or a classified error that carries the billed tokens."""
+        usage = usage_of(response)
+        feedback = response.prompt_feedback
+        if feedback is not None and feedback.block_reason is not None:
+            raise GeminiContentBlockedError(
+                f"Gemini blocked the prompt ({_name(feedback.block_reason)}).", token_usage=usage
+            )
+        candidate = response.candidates[0] if response.candidates else None
+        finish = _name(candidate.finish_reason) if candidate is not None else None
+        if finish in _BLOCKED_FINISH:
+            raise GeminiContentBlockedError(
+                f"Gemini blocked the answer (finish reason {finish}).", token_usage=usage
+            )
+        text = response.text
+        if not text:
+            raise GeminiEmptyResponseError(
+                f"Gemini returned no text (finish reason {finish}).", token_usage=usage
+            )
+        output: Any = text
+        if self.response_json_schema is not None or self.response_mime_type == "application/json":
+            try:
+                output = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise OutputValidationError(
+                    f"Gemini's answer is not valid JSON: {exc}", token_usage=usage
+                ) from exc
+        metadata = {
+            "finish_reason": finish,
+            "safety_ratings": [
+                {
+                    "category": _name(r.category),
+                    "probability": _name(r.probability),
+                    "blocked": bool(r.blocked),
+                }
+                for r in (candidate.safety_ratings or [] if candidate is not None else [])
+            ],
+            "model_version": response.model_version,
+            "response_id": response.response_id,
+        }
+        return output, usage, metadata

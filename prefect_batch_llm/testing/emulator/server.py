@@ -1,0 +1,155 @@
+"""`GeminiEmulator`: a local Gemini API server on 127.0.0.1, in-process or as a command."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Self
+
+import uvicorn
+
+from prefect_batch_llm.testing.emulator._app import EmulatorApp, ResponseFn
+from prefect_batch_llm.testing.emulator._state import EmulatorClock, EmulatorState, Fault
+
+
+class GeminiEmulator:
+    """A wire-faithful Gemini Developer API on loopback, for tests, demos and benchmarks.
+
+    The real `google-genai` and `pydantic-ai` clients talk to it over HTTP. It serves
+    `models/{m}:generateContent`, `:streamGenerateContent?alt=sse`, `:countTokens` and
+    `cachedContents` create/get/list/update/delete under `/v1`, `/v1beta` and `/v1alpha`,
+    requires an `x-goog-api-key` header, bills tokens at list prices and can inject faults.
+
+    Token rule: one token per 4 characters of text, rounded up, per part. Outputs are a
+    pure function of model and prompt unless `response_fn` says otherwise.
+
+    Example:
+        ```python
+        from google import genai
+        from prefect_batch_llm.testing import GeminiEmulator, Fault
+
+        with GeminiEmulator(latency=0.05, faults=[Fault(kind="429", times=1)]) as emulator:
+            client = genai.Client(api_key="test-key",
+                                  http_options={"base_url": emulator.base_url})
+            ...
+            print(emulator.stats()["billed"])
+        ```
+
+    Args:
+        host: Interface to bind (loopback by default).
+        port: Port to bind; 0 picks a free one.
+        api_keys: Accepted keys; None accepts any non-empty key.
+        latency: Seconds added to every generate call.
+        latency_jitter: Up to this many random extra seconds.
+        rpm: Requests-per-minute quota (sliding minute); beyond it, 429 with RetryInfo.
+        tpm: Tokens-per-minute quota (prompt tokens), same answer.
+        min_cache_tokens: Smallest cacheable content (Flash's 1,024 by default).
+        faults: Scripted failures, see [`Fault`][prefect_batch_llm.testing.Fault].
+        response_fn: `fn(model, prompt, request_body)` returning text, a JSON value for
+            JSON/function-call requests, or None for the default answer.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_keys: Iterable[str] | None = None,
+        latency: float = 0.0,
+        latency_jitter: float = 0.0,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        min_cache_tokens: int = 1024,
+        faults: Iterable[Fault] = (),
+        response_fn: ResponseFn | None = None,
+    ) -> None:
+        self.state = EmulatorState(
+            api_keys=set(api_keys) if api_keys is not None else None,
+            min_cache_tokens=min_cache_tokens,
+            latency=latency,
+            latency_jitter=latency_jitter,
+            rpm=rpm,
+            tpm=tpm,
+            faults=list(faults),
+        )
+        self._host, self._port = host, port
+        self._app = EmulatorApp(self.state, response_fn)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def clock(self) -> EmulatorClock:
+        """The emulator's clock; `clock.advance(seconds)` fast-forwards cache expiry."""
+        return self.state.clock
+
+    @property
+    def base_url(self) -> str:
+        """`http://127.0.0.1:PORT`, for `HttpOptions(base_url=...)`."""
+        if self._socket is None:
+            raise RuntimeError("The emulator is not running: use it as a context manager.")
+        host, port = self._socket.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def asgi_app(self) -> Any:
+        return self._app.app
+
+    def stats(self) -> dict[str, Any]:
+        """Calls by endpoint/model/status, caches created/deleted/live, billed tokens and cost."""
+        return self.state.stats()
+
+    def add_fault(self, fault: Fault) -> None:
+        with self.state.lock:
+            self.state.faults.append(fault)
+
+    def reset(self) -> None:
+        """Zero the counters and billing (caches and faults stay)."""
+        self.state.reset_counters()
+
+    def start(self) -> Self:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, self._port))
+        self._socket = sock
+        config = uvicorn.Config(
+            self._app.app,
+            log_level="critical",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="gemini-emulator", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("The Gemini emulator did not start.")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
