@@ -220,6 +220,12 @@ async def test_faults_reach_the_real_client_and_are_classified(kind, sdk_error, 
         assert info.error_category == category
         if kind == "429":
             assert info.is_rate_limit and info.suggested_wait == 2.0  # header: ceil(1.5)
+            headerless = genai_errors.ClientError(
+                429,
+                caught.value.details,
+                None,  # RetryInfo alone: retryDelay "1.5s"
+            )
+            assert GeminiErrorClassifier().classify(headerless).suggested_wait == 1.5
         # the fault fired once: the next call is answered
         answer = await client.aio.models.generate_content(model="gemini-2.5-flash", contents="x")
         assert answer.text

@@ -345,7 +345,9 @@ class EmulatorApp:
                         "retryDelay": f"{delay:g}s",
                     }
                 ],
-                headers={"Retry-After": f"{math.ceil(delay)}"},
+                headers={"Retry-After": f"{math.ceil(delay)}"}
+                if fault.retry_after_header
+                else None,
             )
         if kind == "500":
             return error(500, "An internal error has occurred. Please retry.")

@@ -55,6 +55,7 @@ class Fault(BaseModel):
     on_calls: list[int] | None = Field(None, description="Only these call numbers (1-based).")
     times: int | None = Field(None, ge=1, description="Fire at most this many times.")
     retry_after: float = Field(2.0, ge=0, description="For 429: RetryInfo and Retry-After.")
+    retry_after_header: bool = Field(True, description="For 429: send the Retry-After header.")
     delay: float = Field(30.0, ge=0, description="For slow: seconds before answering.")
     fired: int = Field(0, description="How many times the fault has fired so far.")
 

@@ -95,8 +95,13 @@ class GeminiEmulator:
         return f"http://{host}:{port}"
 
     @property
-    def asgi_app(self) -> Any:
-        return self._app.app
+    def response_fn(self) -> ResponseFn | None:
+        """`fn(model, prompt, request_body)` answering instead of the default (settable)."""
+        return self._app.response_fn
+
+    @response_fn.setter
+    def response_fn(self, fn: ResponseFn | None) -> None:
+        self._app.response_fn = fn
 
     def stats(self) -> dict[str, Any]:
         """Calls by endpoint/model/status, caches created/deleted/live, billed tokens and cost."""
