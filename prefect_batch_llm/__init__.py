@@ -7,6 +7,7 @@ strategy once and cleans it up once; results account for every token billed.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from prefect_batch_llm.callable import CallableStrategy
 from prefect_batch_llm.config import ProcessorConfig, RetryConfig
 from prefect_batch_llm.errors import (
     CacheExpiredError,
@@ -29,6 +30,7 @@ from prefect_batch_llm.gemini import (
 )
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.processor import ParallelBatchProcessor, ProcessingStats
+from prefect_batch_llm.pydantic_ai import PydanticAIErrorClassifier, PydanticAIStrategy
 from prefect_batch_llm.results import BatchResult, ModelPricing, TokenUsage, WorkItemResult
 from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, StrategyBlock
 from prefect_batch_llm.testing.mock import MockStrategy
@@ -41,6 +43,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "BatchResult",
     "CacheExpiredError",
+    "CallableStrategy",
     "DefaultErrorClassifier",
     "ErrorCategory",
     "ErrorClassifier",
@@ -60,6 +63,8 @@ __all__ = [
     "PermanentError",
     "ProcessingStats",
     "ProcessorConfig",
+    "PydanticAIErrorClassifier",
+    "PydanticAIStrategy",
     "RateLimitError",
     "RetryConfig",
     "RetryState",

@@ -6,6 +6,8 @@ import asyncio
 import time
 from typing import Any
 
+from pydantic import BaseModel
+
 from prefect_batch_llm import LLMCallStrategy, RetryState
 
 
@@ -65,3 +67,10 @@ class ScriptedStrategy(LLMCallStrategy[str]):
 
     def calls_for(self, prompt: str) -> list[tuple[str, float, int]]:
         return [c for c in self.calls if c[0] == prompt]
+
+
+class City(BaseModel):
+    """An output type importable as 'helpers:City' (tests/ is on sys.path under pytest)."""
+
+    name: str
+    population: int

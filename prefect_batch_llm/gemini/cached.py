@@ -291,16 +291,12 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
         async with self._lock_for_cache():
             await self._find_or_create()
 
-    async def execute(
-        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
-    ) -> ExecuteResult:
+    async def fresh_cache_name(self, state: RetryState | None = None) -> str | None:
+        """The cache to call with now: found or created on first use, renewed when it expires
+        within the buffer. None when calls fall back to uncached. Records the name in `state`
+        so `on_error()` knows which cache an expired-cache error was about."""
         if self._uncached:
-            config = self.generation_config(timeout)
-            contents: Any = [*self._documents, prompt] if isinstance(prompt, str) else prompt
-            response = await self.client().aio.models.generate_content(
-                model=self.model, contents=contents, config=config
-            )
-            return self.parse_response(response)
+            return None
         if self._cache_name is None:
             async with self._lock_for_cache():
                 if self._cache_name is None:
@@ -311,9 +307,21 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
             async with self._lock_for_cache():
                 if self._remaining() <= self.cache_renewal_buffer_seconds:
                     await self._renew()
-        name = self._cache_name
         if state is not None:
-            state.set(_STATE_KEY, name)
+            state.set(_STATE_KEY, self._cache_name)
+        return self._cache_name
+
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> ExecuteResult:
+        name = await self.fresh_cache_name(state)
+        if name is None:
+            config = self.generation_config(timeout)
+            contents: Any = [*self._documents, prompt] if isinstance(prompt, str) else prompt
+            response = await self.client().aio.models.generate_content(
+                model=self.model, contents=contents, config=config
+            )
+            return self.parse_response(response)
         config = self.generation_config(timeout, cached=True)
         config.cached_content = name
         response = await self.client().aio.models.generate_content(
