@@ -10,6 +10,8 @@ because Prefect's retry delay is fixed per task and cannot honour a Retry-After.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -287,6 +289,26 @@ class ItemRun:
             self.not_before = now + wait
             runtime.stats.retries += 1
             self.retries_by_category[category] += 1
+
+    def cache_key(self) -> str:
+        """Result-cache key: item id, prompt, context and strategy configuration (no secrets)."""
+        item = self.item
+        payload = json.dumps(
+            [item.item_id, item.prompt, item.context, item.strategy.cache_fingerprint()],
+            default=repr,
+            sort_keys=True,
+        )
+        return f"llm-item-{hashlib.sha256(payload.encode()).hexdigest()}"
+
+    def cached(self, output: Any) -> WorkItemResult[Any, Any]:
+        """The result of an item an earlier run completed (nothing billed in this run)."""
+        return WorkItemResult(
+            item_id=self.item.item_id,
+            success=True,
+            output=output,
+            metadata={"cached_result": True},
+            context=self.item.context,
+        )
 
     def result(self) -> WorkItemResult[Any, Any]:
         """The item's one terminal result (call once its task has finished)."""

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import TaskRunContext
 from prefect.states import State
+from prefect.utilities.annotations import NotSet
 
 from prefect_batch_llm._attempts import BatchRuntime, ItemRun
 
@@ -35,12 +36,22 @@ def item_task(runtime: BatchRuntime) -> Task[..., Any]:
         run = runs.get(task_run.id)
         return run is not None and run.retry
 
+    # With cache_results, completed items' outputs are persisted under a key of item id,
+    # prompt, context and strategy configuration: a re-run (even after SIGKILL) skips them.
+    caching = runtime.config.cache_results
     return task(
         name="llm-item",
         task_run_name="{item_id}",
         retries=runtime.prefect_retries,
         retry_delay_seconds=0,
         retry_condition_fn=retry_by_policy,
-        cache_policy=NO_CACHE,
-        persist_result=False,
+        cache_policy=NotSet if caching else NO_CACHE,
+        cache_key_fn=_cache_key if caching else None,
+        persist_result=caching,
+        refresh_cache=runtime.config.refresh_cache if caching else None,
     )(_llm_item)
+
+
+def _cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    run: ItemRun = parameters["run"]
+    return run.cache_key()

@@ -64,6 +64,28 @@ class ProcessorConfig(BaseModel):
     dry_run: bool = Field(
         False, description="Call each strategy's `dry_run()` instead of the LLM; no tokens billed."
     )
+    cache_results: bool = Field(
+        False,
+        description="Persist each item's output and skip items already done by an earlier run "
+        "(key: item id, prompt, context, strategy configuration).",
+    )
+    refresh_cache: bool = Field(
+        False, description="With cache_results: recompute every item and overwrite its result."
+    )
+    keep_results: bool = Field(
+        True, description="Keep every result in BatchResult.results (off: totals only)."
+    )
+    report_artifacts: bool = Field(
+        True, description="Inside a flow run: progress, table and report artifacts in the UI."
+    )
+    artifact_key: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+$",
+        description="Key prefix of the artifacts (lowercase letters, digits, dashes).",
+    )
+    progress_bar: bool | None = Field(
+        None, description="Show a terminal progress bar (default: when stderr is a terminal)."
+    )
 
     @model_validator(mode="after")
     def _timeouts_consistent(self) -> ProcessorConfig:

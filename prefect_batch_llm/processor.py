@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from types import TracebackType
 from typing import Any, Generic, Self, TypedDict, TypeVar, cast
 
@@ -14,17 +22,65 @@ from prefect.context import FlowRunContext
 
 from prefect_batch_llm._attempts import BatchRuntime, BatchStats, ItemRun
 from prefect_batch_llm._lifecycle import StrategyLifecycle
+from prefect_batch_llm._reporting import BatchReport
 from prefect_batch_llm._task import item_task
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import ErrorCategory, ErrorClassifier, describe
 from prefect_batch_llm.items import LLMWorkItem
-from prefect_batch_llm.results import BatchResult, WorkItemResult
+from prefect_batch_llm.results import BatchResult, ModelPricing, ResultTotals, WorkItemResult
 
 TInput = TypeVar("TInput")
 TOutput = TypeVar("TOutput")
 TContext = TypeVar("TContext")
 
 logger = logging.getLogger("prefect_batch_llm")
+
+
+def _duplicate(item_id: str) -> str:
+    return (
+        f"Duplicate item_id {item_id!r}: an earlier item of this batch has the same id; item "
+        "ids must be unique because results are reported per id. Give this item another id."
+    )
+
+
+class _Source:
+    """Where workers take their next item: a list, an iterator or an async iterator."""
+
+    def __init__(self, items: Iterable[Any] | AsyncIterable[Any], total: int | None) -> None:
+        self.total = total
+        self._index = 0
+        self._sync: Iterator[Any] | None = None
+        self._async: AsyncIterator[Any] | None = None
+        if isinstance(items, AsyncIterable):
+            self._async = aiter(items)
+        else:
+            self._sync = iter(items)
+        self._lock = asyncio.Lock()
+
+    async def next(self) -> tuple[int, LLMWorkItem[Any, Any, Any]] | None:
+        if self._sync is not None:
+            item = next(self._sync, None)  # no await: atomic between workers
+        else:
+            async with self._lock:  # an async generator cannot be advanced concurrently
+                assert self._async is not None
+                item = await anext(self._async, None)
+        if item is None:
+            return None
+        if not isinstance(item, LLMWorkItem):
+            raise TypeError(
+                f"process_stream() takes LLMWorkItems; item {self._index} is a "
+                f"{type(item).__name__}."
+            )
+        self._index += 1
+        return self._index - 1, item
+
+    def drain(self) -> Iterator[tuple[int, LLMWorkItem[Any, Any, Any]]]:
+        """Items never started (after a batch timeout), for their failed results."""
+        if self._sync is None:
+            return
+        for item in self._sync:
+            self._index += 1
+            yield self._index - 1, item
 
 
 class ProcessingStats(TypedDict):
@@ -66,6 +122,9 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         config: Processor settings; defaults to `ProcessorConfig()`.
         error_classifier: Classifier for every item's errors. By default each strategy's
             own `error_classifier` is used, else the `DefaultErrorClassifier`.
+        on_result: Called with each item's result as soon as it is final (sync or async),
+            e.g. to write results incrementally.
+        pricing: Prices for the cost line of the batch report artifact.
     """
 
     def __init__(
@@ -73,15 +132,20 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         config: ProcessorConfig | None = None,
         *,
         error_classifier: ErrorClassifier | None = None,
+        on_result: Callable[[WorkItemResult[Any, Any]], Awaitable[None] | None] | None = None,
+        pricing: ModelPricing | None = None,
     ) -> None:
         self.config = config or ProcessorConfig()
         self._classifier = error_classifier
+        self._on_result = on_result
+        self._pricing = pricing
         self._items: list[LLMWorkItem[TInput, TOutput, TContext]] = []
         self._ids: set[str] = set()
         self._started = False
         self._lifecycle = StrategyLifecycle()
         self._stats = BatchStats()
         self._runner: asyncio.Runner | None = None
+        self._source: _Source | None = None
 
     # -- context manager -------------------------------------------------------------------
 
@@ -143,18 +207,24 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
 
     async def process_all(self) -> BatchResult[TOutput, TContext]:
         """Run every queued item to exactly one terminal result, in the order added."""
-        if self._started:
-            raise RuntimeError(
-                "process_all() was already called on this processor. Create a new "
-                "ParallelBatchProcessor for the next batch."
-            )
-        self._started = True
-        if FlowRunContext.get() is None:
-            in_own_flow = cast(
-                Callable[[], Awaitable[BatchResult[TOutput, TContext]]], self._run_in_own_flow
-            )
-            return await in_own_flow()
-        return await self._run()
+        self._begin()
+        return await self._run_here_or_in_own_flow(_Source(self._items, len(self._items)))
+
+    async def process_stream(
+        self,
+        items: Iterable[LLMWorkItem[TInput, TOutput, TContext]]
+        | AsyncIterable[LLMWorkItem[TInput, TOutput, TContext]],
+        *,
+        total: int | None = None,
+    ) -> BatchResult[TOutput, TContext]:
+        """Run items as they are read from `items`, never holding more than the workers need.
+
+        For inputs too large to queue with `add_work()`. Each item becomes one result; an
+        item whose id was already seen in this batch becomes a failed result (category
+        `invalid_input`) instead of running. `total`, if known, drives progress reporting.
+        """
+        self._begin()
+        return await self._run_here_or_in_own_flow(_Source(items, total))
 
     def process_all_sync(self) -> BatchResult[TOutput, TContext]:
         """`process_all()` for synchronous code (a sync flow, a script).
@@ -166,36 +236,79 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             return self._runner.run(self.process_all())
         return asyncio.run(self.process_all())
 
+    def _begin(self) -> None:
+        if self._started:
+            raise RuntimeError(
+                "process_all() was already called on this processor. Create a new "
+                "ParallelBatchProcessor for the next batch."
+            )
+        self._started = True
+
+    async def _run_here_or_in_own_flow(self, source: _Source) -> BatchResult[TOutput, TContext]:
+        if FlowRunContext.get() is not None:
+            return await self._run(source)
+        # Not a flow parameter: Prefect serialises parameters, which would consume iterators.
+        self._source = source
+        in_own_flow = cast(
+            Callable[[], Awaitable[BatchResult[TOutput, TContext]]], self._run_in_own_flow
+        )
+        return await in_own_flow()
+
     @flow(name="llm-batch", validate_parameters=False)
     async def _run_in_own_flow(self) -> BatchResult[TOutput, TContext]:
-        return await self._run()
+        assert self._source is not None
+        return await self._run(self._source)
 
-    async def _run(self) -> BatchResult[TOutput, TContext]:
+    async def _run(self, source: _Source) -> BatchResult[TOutput, TContext]:
         stats, config = self._stats, self.config
-        stats.total = len(self._items)
+        stats.total = source.total or 0
         stats.started_at = time.monotonic()
         runtime = BatchRuntime(config, self._lifecycle, self._classifier, stats)
         run_item = item_task(runtime)
-        runs: list[ItemRun | None] = [None] * len(self._items)
-        results: list[WorkItemResult[Any, Any] | None] = [None] * len(self._items)
-        queue = enumerate(self._items)
+        report = BatchReport(
+            artifacts=config.report_artifacts,
+            progress_bar=config.progress_bar,
+            key=config.artifact_key,
+            pricing=self._pricing,
+        )
+        totals = ResultTotals()
+        kept: list[tuple[int, WorkItemResult[Any, Any]]] = []
+        in_flight: dict[int, ItemRun] = {}
+        seen_ids: set[str] = set()
+        await report.start(source.total)
+
+        async def finish(index: int, result: WorkItemResult[Any, Any]) -> None:
+            totals.add(result)
+            stats.processed += 1
+            stats.succeeded += result.success
+            stats.failed += not result.success
+            if config.keep_results:
+                kept.append((index, result))
+            await report.on_result(result)
+            if self._on_result is not None:
+                outcome: Any = self._on_result(result)
+                if inspect.isawaitable(outcome):
+                    await outcome
 
         async def worker() -> None:
-            # Workers share one iterator: no coroutine exists for an item until a worker
-            # takes it, so memory stays flat however many items are queued.
-            for index, item in queue:
-                run = runs[index] = ItemRun(item, runtime)
-                result = results[index] = await self._run_one(run_item, run)
-                stats.processed += 1
-                if result.success:
-                    stats.succeeded += 1
-                else:
-                    stats.failed += 1
+            # Workers pull one item at a time: no coroutine exists for an item until a worker
+            # takes it, so memory stays flat however many items the source holds.
+            while (taken := await source.next()) is not None:
+                index, item = taken
+                run = ItemRun(item, runtime)
+                if item.item_id in seen_ids:
+                    await finish(index, run.fail(_duplicate(item.item_id), "invalid_input"))
+                    continue
+                seen_ids.add(item.item_id)
+                in_flight[index] = run
+                result = await self._run_one(run_item, run)
+                del in_flight[index]
+                await finish(index, result)
 
         try:
             async with asyncio.timeout(config.batch_timeout):
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(min(config.max_workers, len(self._items))):
+                    for _ in range(config.max_workers):
                         group.create_task(worker())
         except TimeoutError:
             logger.error(
@@ -203,20 +316,21 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
                 "are reported as failed (category batch_timeout).",
                 config.batch_timeout or 0.0,
             )
+            message = (
+                f"ProcessorConfig.batch_timeout ({config.batch_timeout}s) elapsed before this "
+                "item finished; raise batch_timeout or max_workers."
+            )
+            unstarted = [(i, ItemRun(item, runtime)) for i, item in source.drain()]
+            for index, run in [*sorted(in_flight.items()), *unstarted]:
+                await finish(index, run.fail(message, ErrorCategory.BATCH_TIMEOUT))
         finally:
             stats.finished_at = time.monotonic()
-        for index, item in enumerate(self._items):
-            if results[index] is None:
-                run = runs[index] or ItemRun(item, runtime)
-                results[index] = run.fail(
-                    f"ProcessorConfig.batch_timeout ({config.batch_timeout}s) elapsed before "
-                    "this item finished; raise batch_timeout or max_workers.",
-                    ErrorCategory.BATCH_TIMEOUT,
-                )
-                stats.processed += 1
-                stats.failed += 1
-        batch: BatchResult[TOutput, TContext] = BatchResult(results=results)  # type: ignore[arg-type]
+        kept.sort(key=lambda pair: pair[0])
+        batch: BatchResult[TOutput, TContext] = BatchResult(
+            results=[result for _, result in kept], totals=totals
+        )
         batch.duration = stats.finished_at - stats.started_at
+        await report.finish(batch)
         return batch
 
     @staticmethod
@@ -224,12 +338,14 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         runs = run.runtime.runs_by_task_run
         try:
             state = await run_item(run.item.item_id, run, return_state=True)
+            if state.is_completed() and not run.success and run.calls == 0:
+                # An earlier run completed this item (cache_results): its stored output.
+                return run.cached(await state.aresult())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the task engine itself failed, not the strategy
-            return run.fail(
-                f"the item's task run crashed: {describe(exc)}", ErrorCategory.TRANSIENT
-            )
+            error = f"the item's task run crashed: {describe(exc)}"
+            return run.fail(error, ErrorCategory.TRANSIENT)
         finally:
             if run.task_run_id is not None:
                 runs.pop(run.task_run_id, None)

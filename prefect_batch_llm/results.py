@@ -122,8 +122,38 @@ class WorkItemResult(Generic[TOutput, TContext]):
 
 
 @dataclass
+class ResultTotals:
+    """Running totals of a stream of results (what a `BatchResult` reports)."""
+
+    total_items: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    total_cached_tokens: int = 0
+    errors_by_category: Counter[str] = field(default_factory=Counter)
+    retries_by_category: Counter[str] = field(default_factory=Counter)
+
+    def add(self, result: WorkItemResult[Any, Any]) -> None:
+        self.total_items += 1
+        if result.success:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+            self.errors_by_category[result.error_category or "unknown"] += 1
+        self.total_input_tokens += result.token_usage.get("input_tokens", 0)
+        self.total_output_tokens += result.token_usage.get("output_tokens", 0)
+        self.total_cached_tokens += result.token_usage.get("cached_input_tokens", 0)
+        self.retries_by_category.update(result.retries_by_category)
+
+
+@dataclass
 class BatchResult(Generic[TOutput, TContext]):
-    """All results of a batch, with totals computed from them."""
+    """The results of a batch and their totals.
+
+    Built from a list of results, the totals are computed from it. A processor run with
+    `keep_results=False` gives the totals alone (`results` is then empty).
+    """
 
     results: list[WorkItemResult[TOutput, TContext]]
     total_items: int = 0
@@ -133,16 +163,20 @@ class BatchResult(Generic[TOutput, TContext]):
     total_output_tokens: int = 0
     total_cached_tokens: int = 0
     duration: float = 0.0
+    totals: ResultTotals | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.total_items = len(self.results)
-        self.succeeded = sum(1 for r in self.results if r.success)
-        self.failed = self.total_items - self.succeeded
-        self.total_input_tokens = sum(r.token_usage.get("input_tokens", 0) for r in self.results)
-        self.total_output_tokens = sum(r.token_usage.get("output_tokens", 0) for r in self.results)
-        self.total_cached_tokens = sum(
-            r.token_usage.get("cached_input_tokens", 0) for r in self.results
-        )
+        if self.totals is None:
+            self.totals = ResultTotals()
+            for result in self.results:
+                self.totals.add(result)
+        totals = self.totals
+        self.total_items = totals.total_items
+        self.succeeded = totals.succeeded
+        self.failed = totals.failed
+        self.total_input_tokens = totals.total_input_tokens
+        self.total_output_tokens = totals.total_output_tokens
+        self.total_cached_tokens = totals.total_cached_tokens
 
     def cache_hit_rate(self) -> float:
         """Cached input tokens as a percentage of all input tokens (0.0 when there are none)."""
@@ -168,14 +202,11 @@ class BatchResult(Generic[TOutput, TContext]):
 
     def errors_by_category(self) -> dict[str, int]:
         """How many items failed with each category."""
-        return dict(Counter(r.error_category or "unknown" for r in self.results if not r.success))
+        return dict(self.totals.errors_by_category) if self.totals else {}
 
     def retries_by_category(self) -> dict[str, int]:
         """How many retries each category caused, over all items."""
-        total: Counter[str] = Counter()
-        for r in self.results:
-            total.update(r.retries_by_category)
-        return dict(total)
+        return dict(self.totals.retries_by_category) if self.totals else {}
 
     def summary(self, pricing: ModelPricing | None = None) -> dict[str, Any]:
         """A JSON-ready digest of the batch."""

@@ -124,6 +124,16 @@ class LLMCallStrategy(ABC, Generic[TOutput]):
         """
         return "default"
 
+    def cache_fingerprint(self) -> str:
+        """Identifies this strategy's configuration in result-cache keys (`cache_results`).
+
+        A changed configuration gives another fingerprint, so its items are recomputed. The
+        default uses the class and the public attributes; blocks use their saved fields, with
+        secrets masked. Override it if your attributes do not describe the calls.
+        """
+        public = {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
+        return f"{type(self).__module__}.{type(self).__qualname__}:{public!r}"
+
 
 class StrategyBlock(Block, LLMCallStrategy[Any], ABC):
     """Base class of savable strategies: a Prefect block that is also a strategy.
@@ -136,6 +146,10 @@ class StrategyBlock(Block, LLMCallStrategy[Any], ABC):
     _block_type_name = "LLM Strategy"
     _logo_url = HttpUrl(LOGO_URL)
     _documentation_url = HttpUrl(docs_page("concepts/strategies/"))
+
+    def cache_fingerprint(self) -> str:
+        # Secrets render as "**********": an API key never reaches a cache key.
+        return f"{type(self).__module__}.{type(self).__qualname__}:{self.model_dump_json()}"
 
 
 def accepts_state(strategy: LLMCallStrategy[Any]) -> bool:
