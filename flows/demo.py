@@ -1,64 +1,65 @@
-"""Demo batch: 200 questions over one shared Gemini context cache, on the bundled emulator.
+"""The README's main command: the batch flow on the shipped sample, end to end.
 
-Run with `make demo`. It starts the Gemini emulator on 127.0.0.1 (with 50 ms latency, one
-scripted rate limit and one transient error), then runs the `demo-batch` flow on Prefect's
-ephemeral server: one task run per item, one context cache for all of them. It prints the
-batch summary and what the emulator billed.
+    make demo          (or: .venv/bin/python flows/demo.py)
+
+Without GEMINI_API_KEY it starts the bundled Gemini emulator on 127.0.0.1 (50 ms latency,
+one scripted 429 with RetryInfo 1 s and one 503); with GEMINI_API_KEY set it calls the real
+Gemini API. Either way it runs on Prefect's ephemeral server (unless PREFECT_API_URL points at a server): it saves
+the block documents (`blocks/create_blocks.py`), then runs the `batch-llm` flow over
+`flows/data/questions.jsonl` (200 questions) with the cached-handbook strategy, and prints
+the summary, where the results went, and the artifacts the run created.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import sys
+from pathlib import Path
 
-from prefect import flow
-from pydantic import SecretStr
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "blocks"))
 
-from prefect_batch_llm import LLMWorkItem, ParallelBatchProcessor, ProcessorConfig, RetryConfig
-from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiCredentials, gemini_pricing
-from prefect_batch_llm.testing import Fault, GeminiEmulator
+from create_blocks import create_blocks  # noqa: E402
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME  # noqa: E402
 
-HANDBOOK = " ".join(
-    f"Section {i}: customers on plan {'ABC'[i % 3]} may return items within {14 + i} days."
-    for i in range(120)
-)
+from prefect_batch_llm.flows import batch_llm  # noqa: E402
+from prefect_batch_llm.testing import Fault, GeminiEmulator  # noqa: E402
 
-
-@flow(name="demo-batch")
-async def demo_batch(base_url: str, items: int = 200, max_workers: int = 16) -> dict[str, object]:
-    strategy = GeminiCachedStrategy(
-        credentials=GeminiCredentials(api_key=SecretStr("demo-key"), base_url=base_url),
-        model="gemini-2.5-flash",
-        system_instruction="Answer customer questions from the returns handbook.",
-        cached_documents=[HANDBOOK],
-        cache_tags={"app": "demo"},
-        delete_cache_on_cleanup=True,
-    )
-    config = ProcessorConfig(
-        max_workers=max_workers, retry=RetryConfig(initial_wait=0.2, max_wait=2.0)
-    )
-    async with ParallelBatchProcessor(config=config) as processor:
-        for i in range(items):
-            question = f"Question #{i}: how long may a plan {'ABC'[i % 3]} customer return items?"
-            await processor.add_work(
-                LLMWorkItem(item_id=f"q-{i:04d}", strategy=strategy, prompt=question)
-            )
-        result = await processor.process_all()
-    return result.summary(pricing=gemini_pricing(strategy.model))
+QUESTIONS = ROOT / "flows" / "data" / "questions.jsonl"
 
 
 def main() -> None:
+    real = bool(os.environ.get("GEMINI_API_KEY"))
     faults = [
-        Fault(kind="429", prompt_contains="#7:", times=1, retry_after=1.0),
-        Fault(kind="503", prompt_contains="#13:", times=1),
+        Fault(kind="429", prompt_contains="bicycles", times=1, retry_after=1.0),
+        Fault(kind="503", prompt_contains="exchange", times=1),
     ]
-    with GeminiEmulator(latency=0.05, faults=faults) as emulator:
-        print(f"Gemini emulator on {emulator.base_url}")
-        summary = asyncio.run(demo_batch(emulator.base_url))
-        stats = emulator.stats()
-    print("Batch summary:", json.dumps(summary, indent=2))
-    print("Emulator billed:", json.dumps(stats["billed"], indent=2))
-    print("Emulator caches:", json.dumps(stats["caches"]))
+    emulator = contextlib.nullcontext() if real else GeminiEmulator(latency=0.05, faults=faults)
+    with emulator as running:
+        url = None if running is None else running.base_url
+        print("LLM:", "the Gemini API (GEMINI_API_KEY)" if real else f"Gemini emulator at {url}")
+        for name in create_blocks(url):
+            print("saved block", name)
+        output = ROOT / "results" / "questions.results.jsonl"
+        summary = asyncio.run(
+            batch_llm(
+                input=str(QUESTIONS),
+                strategy="gemini-cached-strategy/handbook-qa",
+                output=str(output),
+                fresh=True,
+            )
+        )
+        billed = running.stats()["billed"] if running is not None else None
+    print("\nBatch summary:", json.dumps(summary, indent=2))
+    if billed is not None:
+        print("Emulator billed:", json.dumps(billed, indent=2))
+    print(f"\nResults (one JSON line per item): {output}")
+    server = PREFECT_API_URL.value() or f"the ephemeral server's database in {PREFECT_HOME.value()}"
+    print(f"Flow run, task runs and artifacts (progress, results table, report): {server}")
+    print("Browse them with `prefect server start` and open http://127.0.0.1:4200")
 
 
 if __name__ == "__main__":

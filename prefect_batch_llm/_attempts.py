@@ -94,6 +94,7 @@ class BatchRuntime:
         self.stats = stats
         self._limiters: dict[str, RateLimiter] = {}
         self._accepts_state: dict[type, bool] = {}
+        self._fingerprints: dict[int, str] = {}
         #: Item runs by the id of the Prefect task run executing them (for retry decisions).
         self.runs_by_task_run: dict[UUID, ItemRun] = {}
 
@@ -115,6 +116,14 @@ class BatchRuntime:
         if kind not in self._accepts_state:
             self._accepts_state[kind] = accepts_state(strategy)
         return self._accepts_state[kind]
+
+    def fingerprint_for(self, strategy: LLMCallStrategy[Any]) -> str:
+        """The strategy's cache fingerprint, taken once per batch before its first item runs
+        (so state the strategy changes while running never changes its items' keys)."""
+        key = id(strategy)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = strategy.cache_fingerprint()
+        return self._fingerprints[key]
 
     @property
     def prefect_retries(self) -> int:
@@ -294,7 +303,7 @@ class ItemRun:
         """Result-cache key: item id, prompt, context and strategy configuration (no secrets)."""
         item = self.item
         payload = json.dumps(
-            [item.item_id, item.prompt, item.context, item.strategy.cache_fingerprint()],
+            [item.item_id, item.prompt, item.context, self.runtime.fingerprint_for(item.strategy)],
             default=repr,
             sort_keys=True,
         )

@@ -129,7 +129,8 @@ class LLMCallStrategy(ABC, Generic[TOutput]):
 
         A changed configuration gives another fingerprint, so its items are recomputed. The
         default uses the class and the public attributes; blocks use their saved fields, with
-        secrets masked. Override it if your attributes do not describe the calls.
+        secrets masked. It is taken once per batch, before the strategy's first item runs.
+        Override it if your attributes do not describe the calls.
         """
         public = {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
         return f"{type(self).__module__}.{type(self).__qualname__}:{public!r}"

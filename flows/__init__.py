@@ -1,0 +1,1 @@
+"""Deployable flows of prefect-batch-llm (entrypoints referenced by prefect.yaml)."""
