@@ -5,9 +5,9 @@
 Without GEMINI_API_KEY it starts the bundled Gemini emulator on 127.0.0.1 (50 ms latency,
 one scripted 429 with RetryInfo 1 s and one 503); with GEMINI_API_KEY set it calls the real
 Gemini API. Either way it runs on Prefect's ephemeral server (unless PREFECT_API_URL points
-at a server): it saves the block documents (`blocks/create_blocks.py`), then runs the `batch-llm` flow over
-`flows/data/questions.jsonl` (200 questions) with the cached-handbook strategy, and prints
-the summary, where the results went, and the artifacts the run created.
+at a server): it saves the block documents (`blocks/create_blocks.py`), then runs the
+`batch-llm` flow over `flows/data/questions.jsonl` (200 questions) with the cached-handbook
+strategy, and prints the summary, where the results went, and where the artifacts are.
 """
 
 from __future__ import annotations
