@@ -20,6 +20,7 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.context import FlowRunContext
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from prefect_batch_llm.results import BatchResult, ModelPricing, WorkItemResult
@@ -67,6 +68,7 @@ class BatchReport:
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[failed]} failed"),
                 TimeElapsedColumn(),
+                console=Console(stderr=True),
             )
             self._bar.start()
             self._bar_task = self._bar.add_task("items", total=total, failed=0)

@@ -145,3 +145,12 @@ async def test_cached_results_skip_completed_items_and_recompute_changed_ones(tm
         await run(fresh, 8, ProcessorConfig(cache_results=True, refresh_cache=True))
         assert fresh.execute_count == 8, "refresh_cache recomputes and overwrites"
     await asyncio.sleep(0)
+
+
+async def test_progress_bar_on_the_terminal(capsys):
+    strategy = CountingStrategy()
+    config = ProcessorConfig(progress_bar=True, max_workers=2)
+    async with ParallelBatchProcessor(config=config) as processor:
+        await processor.process_stream(items(strategy, 5), total=5)
+    err = capsys.readouterr().err
+    assert "LLM batch" in err and "5/5" in err and "0 failed" in err
