@@ -299,6 +299,19 @@ class ItemRun:
             runtime.stats.retries += 1
             self.retries_by_category[category] += 1
 
+    async def run_to_completion(self) -> WorkItemResult[Any, Any]:
+        """All attempts in-process, under the same policy as the per-item tasks (large batches)."""
+        while True:
+            try:
+                await self.attempt()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not self.retry:
+                    return self.result()
+            else:
+                return self.result()
+
     def cache_key(self) -> str:
         """Result-cache key: item id, prompt, context and strategy configuration (no secrets)."""
         item = self.item

@@ -64,6 +64,12 @@ class ProcessorConfig(BaseModel):
     dry_run: bool = Field(
         False, description="Call each strategy's `dry_run()` instead of the LLM; no tokens billed."
     )
+    items_per_task: int | None = Field(
+        None,
+        ge=1,
+        description="Large-batch mode: run items in chunk tasks of this many items instead of "
+        "one task per item (same retries, accounting and per-item results).",
+    )
     cache_results: bool = Field(
         False,
         description="Persist each item's output and skip items already done by an earlier run "
@@ -86,6 +92,15 @@ class ProcessorConfig(BaseModel):
     progress_bar: bool | None = Field(
         None, description="Show a terminal progress bar (default: when stderr is a terminal)."
     )
+
+    @model_validator(mode="after")
+    def _large_batch_mode_consistent(self) -> ProcessorConfig:
+        if self.items_per_task is not None and self.cache_results:
+            raise ValueError(
+                "cache_results needs one task per item (it persists each item's task result); "
+                "it cannot be combined with items_per_task. Drop one of the two."
+            )
+        return self
 
     @model_validator(mode="after")
     def _timeouts_consistent(self) -> ProcessorConfig:

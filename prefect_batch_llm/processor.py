@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections.abc import (
     AsyncIterable,
@@ -21,6 +22,7 @@ from prefect import Task, flow
 from prefect.context import FlowRunContext
 
 from prefect_batch_llm._attempts import BatchRuntime, BatchStats, ItemRun
+from prefect_batch_llm._chunks import Chunk, run_chunk
 from prefect_batch_llm._lifecycle import StrategyLifecycle
 from prefect_batch_llm._reporting import BatchReport
 from prefect_batch_llm._task import item_task
@@ -290,9 +292,8 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
                 if inspect.isawaitable(outcome):
                     await outcome
 
-        async def worker() -> None:
-            # Workers pull one item at a time: no coroutine exists for an item until a worker
-            # takes it, so memory stays flat however many items the source holds.
+        async def take() -> tuple[int, ItemRun] | None:
+            """The next item to run (duplicate ids are finished as invalid on the way)."""
             while (taken := await source.next()) is not None:
                 index, item = taken
                 run = ItemRun(item, runtime)
@@ -300,15 +301,41 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
                     await finish(index, run.fail(_duplicate(item.item_id), "invalid_input"))
                     continue
                 seen_ids.add(item.item_id)
+                return index, run
+            return None
+
+        async def item_worker() -> None:
+            # Workers pull one item at a time: no coroutine exists for an item until a worker
+            # takes it, so memory stays flat however many items the source holds.
+            while (taken := await take()) is not None:
+                index, run = taken
                 in_flight[index] = run
                 result = await self._run_one(run_item, run)
                 del in_flight[index]
                 await finish(index, result)
 
+        size = config.items_per_task
+        slots = asyncio.Semaphore(config.max_workers)
+
+        async def chunk_worker() -> None:
+            assert size is not None
+            while True:
+                items: list[tuple[int, ItemRun]] = []
+                while len(items) < size and (taken := await take()) is not None:
+                    items.append(taken)
+                if not items:
+                    return
+                await run_chunk(Chunk(items, slots, finish, in_flight))
+
+        if size is None:
+            workers = [item_worker] * config.max_workers
+        else:
+            # Enough chunks in flight to keep max_workers calls busy while one drains its tail.
+            workers = [chunk_worker] * (math.ceil(config.max_workers / size) + 1)
         try:
             async with asyncio.timeout(config.batch_timeout):
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(config.max_workers):
+                    for worker in workers:
                         group.create_task(worker())
         except TimeoutError:
             logger.error(
