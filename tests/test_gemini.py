@@ -209,3 +209,17 @@ def test_classifier_matches_codes_structurally_not_by_digits_in_messages():
     )
     info = GeminiErrorClassifier().classify(expired)
     assert info.is_retryable and info.error_category == "cache_expired"
+
+
+async def test_the_shared_client_is_closed_after_the_last_strategy_cleans_up(emulator):
+    creds = credentials(emulator)
+    flash = GeminiStrategy(credentials=creds)
+    pro = GeminiStrategy(credentials=creds, model="gemini-2.5-pro")
+    async with ParallelBatchProcessor() as processor:
+        for i, strategy in enumerate([flash, pro, flash]):
+            await processor.add_work(LLMWorkItem(item_id=str(i), strategy=strategy, prompt="hi"))
+        await processor.process_all()
+        shared = flash.client()
+        assert pro.client() is shared, "one client per credentials, shared by both strategies"
+        assert creds.get_client() is shared
+    assert creds.get_client() is not shared, "closed and dropped when the batch ended"

@@ -351,6 +351,7 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
                 self._cache_name,
                 self._remaining(),
             )
+        await super().cleanup()
 
     async def delete_cache(self) -> None:
         """Delete the cache now (one API call, however many concurrent callers)."""

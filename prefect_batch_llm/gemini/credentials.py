@@ -22,6 +22,9 @@ _ENV_KEYS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 _clients_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, genai.Client]]
 _clients_by_loop = weakref.WeakKeyDictionary()
 _clients_without_loop: dict[str, genai.Client] = {}
+# How many prepared strategies use each client: the last release closes it. An async client
+# left to the garbage collector can close a socket whose descriptor a new connection reuses.
+_users: weakref.WeakKeyDictionary[genai.Client, int] = weakref.WeakKeyDictionary()
 
 
 class GeminiCredentials(Block):
@@ -29,8 +32,10 @@ class GeminiCredentials(Block):
 
     `get_client()` returns one shared `google.genai.Client` per credentials per event loop,
     with the SDK's own retries off (the processor's classifier owns retries) and an explicit
-    timeout. When `api_key` is empty, `GEMINI_API_KEY` or `GOOGLE_API_KEY` is read from the
-    environment of the process that uses the block.
+    timeout. Strategies acquire it in `prepare()` and release it in `cleanup()`; the last
+    release closes it. Close a client you got yourself with `aclose()`. When `api_key` is
+    empty, `GEMINI_API_KEY` or `GOOGLE_API_KEY` is read from the environment of the process
+    that uses the block.
 
     Example:
         ```python
@@ -129,10 +134,28 @@ client = gemini_credentials.get_client()
             client = registry[key] = self._new_client()
         return client
 
+    def acquire_client(self) -> genai.Client:
+        """`get_client()`, counted: pair with `release_client()` (strategies do, in prepare and
+        cleanup), so the shared client is closed when its last user is done."""
+        client = self.get_client()
+        _users[client] = _users.get(client, 0) + 1
+        return client
+
+    async def release_client(self) -> None:
+        """One user is done with the shared client; the last one closes it."""
+        client = self._registry().get(self._fingerprint())
+        if client is None:
+            return
+        remaining = _users.get(client, 0) - 1
+        _users[client] = max(0, remaining)
+        if remaining <= 0:
+            await self.aclose()
+
     async def aclose(self) -> None:
         """Close this event loop's client for these credentials (a later call makes a new one)."""
         client = self._registry().pop(self._fingerprint(), None)
         if client is not None:
+            _users.pop(client, None)
             await client.aio.aclose()
 
     def endpoint(self) -> str:

@@ -106,7 +106,12 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
     _client: genai.Client | None = PrivateAttr(default=None)
 
     async def prepare(self) -> None:
-        self._client = self.credentials.get_client()
+        self._client = self.credentials.acquire_client()
+
+    async def cleanup(self) -> None:
+        if self._client is not None:
+            self._client = None
+            await self.credentials.release_client()
 
     def client(self) -> genai.Client:
         """The client `prepare()` took (or the shared one, if used without a processor)."""

@@ -128,6 +128,7 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
 
     _live_agent: Agent[Any, Any] | None = PrivateAttr(default=None)
     _agents: dict[str, Agent[Any, Any]] = PrivateAttr(default_factory=dict)
+    _acquired: int = PrivateAttr(default=0)
 
     @model_validator(mode="after")
     def _check_cache_use(self) -> PydanticAIStrategy:
@@ -187,7 +188,8 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
         from pydantic_ai.models.google import GoogleModel
         from pydantic_ai.providers.google import GoogleProvider
 
-        provider = GoogleProvider(client=self.credentials.get_client())
+        provider = GoogleProvider(client=self.credentials.acquire_client())
+        self._acquired += 1
         return GoogleModel(name.split(":", 1)[1], provider=provider)
 
     def agent_for(self, model: str | None = None) -> Agent[Any, Any]:
@@ -262,6 +264,11 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
     async def cleanup(self) -> None:
         if self.context_cache is not None:
             await self.context_cache.cleanup()
+        # Agents hold the shared client they were built with: drop them, release the client.
+        self._agents.clear()
+        while self._acquired and self.credentials is not None:
+            self._acquired -= 1
+            await self.credentials.release_client()
 
     def rate_limit_scope(self) -> str:
         endpoint = self.credentials.endpoint() if self.credentials is not None else "default"
