@@ -315,8 +315,6 @@ async def _ours(url: str, prompts: list[str], s: Scenario, items_per_task: int |
             ),
             total=len(prompts),
         )
-    if os.environ.get("BENCH_DEBUG"):
-        print("  retries:", result.retries_by_category(), "stats:", await processor.get_stats())
     await strategy.credentials.aclose()
     return result.succeeded
 
