@@ -7,6 +7,8 @@ Every leg runs in this one process, against the same Prefect server, over the sa
   asyncio   - asyncio.gather + Semaphore, no Prefect (the floor)
   bare-task - one plain @task per item inside a flow, same concurrency (the Prefect cost)
   processor - ParallelBatchProcessor, one task run per item (ours)
+  persist   - the same with cache_results=True (each output persisted, for resuming)
+Run it under PREFECT_LOGGING_LEVEL=INFO and =WARNING to see what logging costs.
 Client CPU is this process's CPU time (the ephemeral server is a separate process).
 Prints one table and writes benchmarks/overhead.json.
 """
@@ -20,6 +22,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,6 +33,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from prefect import flow, get_client, task
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from prefect_batch_llm import (
     LLMCallStrategy,
@@ -85,9 +89,10 @@ async def leg_bare_task(n: int, c: int, latency: float) -> int:
 
 
 @flow(name="bench-processor")
-async def leg_processor(n: int, c: int, latency: float) -> int:
+async def leg_processor(n: int, c: int, latency: float, persist: bool = False) -> int:
     strategy = MockCall(latency)
-    async with ParallelBatchProcessor(config=ProcessorConfig(max_workers=c)) as processor:
+    config = ProcessorConfig(max_workers=c, cache_results=persist, report_artifacts=False)
+    async with ParallelBatchProcessor(config=config) as processor:
         for i in range(n):
             await processor.add_work(
                 LLMWorkItem(item_id=f"p{i}", strategy=strategy, prompt=f"p{i}")
@@ -157,6 +162,13 @@ async def main() -> None:
             rows.append(await measure(name, leg, n, c, latency))
             recorded += n
             await settle(recorded)
+
+    async def leg_persist(n: int, c: int, latency: float) -> int:
+        return await leg_processor(n, c, latency, persist=True)
+
+    # A fresh result store: nothing cached from an earlier run, every output written.
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: Path(tempfile.mkdtemp())}):
+        rows.append(await measure("persist", leg_persist, n, c, latency))
 
     def mean(name: str, key: str) -> float:
         values = [r[key] for r in rows if r["leg"] == name]

@@ -35,6 +35,7 @@ from prefect_batch_llm.errors import (
 )
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.results import (
+    ResultTotals,
     TokenUsage,
     WorkItemResult,
     add_usage,
@@ -56,12 +57,13 @@ _DEFAULT_CLASSIFIER = DefaultErrorClassifier()
 
 @dataclass
 class BatchStats:
-    """Live counters of one batch (what `get_stats()` reports)."""
+    """Live counters of one batch (what `get_stats()` reports).
+
+    `results` counts final results; the token counters include attempts still running.
+    """
 
     total: int = 0
-    processed: int = 0
-    succeeded: int = 0
-    failed: int = 0
+    results: ResultTotals = field(default_factory=ResultTotals)
     calls: int = 0
     retries: int = 0
     rate_limit_count: int = 0

@@ -29,7 +29,7 @@ from prefect_batch_llm._task import item_task
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import ErrorCategory, ErrorClassifier, describe
 from prefect_batch_llm.items import LLMWorkItem
-from prefect_batch_llm.results import BatchResult, ModelPricing, ResultTotals, WorkItemResult
+from prefect_batch_llm.results import BatchResult, ModelPricing, WorkItemResult
 
 TInput = TypeVar("TInput")
 TOutput = TypeVar("TOutput")
@@ -273,7 +273,7 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             key=config.artifact_key,
             pricing=self._pricing,
         )
-        totals = ResultTotals()
+        totals = stats.results
         kept: list[tuple[int, WorkItemResult[Any, Any]]] = []
         in_flight: dict[int, ItemRun] = {}
         seen_ids: set[str] = set()
@@ -281,9 +281,6 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
 
         async def finish(index: int, result: WorkItemResult[Any, Any]) -> None:
             totals.add(result)
-            stats.processed += 1
-            stats.succeeded += result.success
-            stats.failed += not result.success
             if config.keep_results:
                 kept.append((index, result))
             await report.on_result(result)
@@ -391,9 +388,9 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         end = stats.finished_at or time.monotonic()
         return ProcessingStats(
             total=stats.total,
-            processed=stats.processed,
-            succeeded=stats.succeeded,
-            failed=stats.failed,
+            processed=stats.results.total_items,
+            succeeded=stats.results.succeeded,
+            failed=stats.results.failed,
             calls=stats.calls,
             retries=stats.retries,
             rate_limit_count=stats.rate_limit_count,
