@@ -316,16 +316,13 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
     ) -> ExecuteResult:
         name = await self.fresh_cache_name(state)
         if name is None:
-            config = self.generation_config(timeout)
             contents: Any = [*self._documents, prompt] if isinstance(prompt, str) else prompt
             response = await self.client().aio.models.generate_content(
-                model=self.model, contents=contents, config=config
+                model=self.model, contents=contents, config=self._config()
             )
             return self.parse_response(response)
-        config = self.generation_config(timeout, cached=True)
-        config.cached_content = name
         response = await self.client().aio.models.generate_content(
-            model=self.model, contents=prompt, config=config
+            model=self.model, contents=prompt, config=self.generation_config(cached_content=name)
         )
         return self.parse_response(response)
 

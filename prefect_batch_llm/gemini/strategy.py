@@ -104,6 +104,8 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
     )
 
     _client: genai.Client | None = PrivateAttr(default=None)
+    _request_config: types.GenerateContentConfig | None = PrivateAttr(default=None)
+    _config_built: bool = PrivateAttr(default=False)
 
     async def prepare(self) -> None:
         self._client = self.credentials.acquire_client()
@@ -123,38 +125,50 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
         return f"gemini|{self.credentials.endpoint()}|{self.model}"
 
     def generation_config(
-        self, timeout: float, *, cached: bool = False
-    ) -> types.GenerateContentConfig:
-        """The request config; with a context cache, the system instruction lives in the cache."""
+        self, *, cached_content: str | None = None
+    ) -> types.GenerateContentConfig | None:
+        """The request config, or None when nothing is set (the SDK converts every field of a
+        config on every call: ~0.5 ms of CPU per item for nothing). With a context cache, the
+        system instruction lives in the cache. No per-request timeout: the processor enforces
+        each attempt's timeout, and the client's timeout stays as a backstop."""
         mime = self.response_mime_type
         if self.response_json_schema is not None and mime is None:
             mime = "application/json"
-        return types.GenerateContentConfig(
-            system_instruction=None if cached else self.system_instruction,
-            temperature=self.temperature,
-            max_output_tokens=self.max_output_tokens,
-            response_mime_type=mime,
-            response_json_schema=self.response_json_schema,
-            safety_settings=[
+        settings: dict[str, Any] = {
+            "system_instruction": None if cached_content else self.system_instruction,
+            "temperature": self.temperature,
+            "max_output_tokens": self.max_output_tokens,
+            "response_mime_type": mime,
+            "response_json_schema": self.response_json_schema,
+            "safety_settings": [
                 types.SafetySetting(category=category, threshold=threshold)
                 for category, threshold in self.safety_settings.items()
             ]
             or None,
-            thinking_config=(
+            "thinking_config": (
                 types.ThinkingConfig(thinking_budget=self.thinking_budget)
                 if self.thinking_budget is not None
                 else None
             ),
-            http_options=types.HttpOptions(timeout=max(1, int(timeout * 1000))),
-        )
+            "cached_content": cached_content,
+        }
+        settings = {key: value for key, value in settings.items() if value is not None}
+        return types.GenerateContentConfig(**settings) if settings else None
 
     async def execute(
         self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
     ) -> ExecuteResult:
         response = await self.client().aio.models.generate_content(
-            model=self.model, contents=prompt, config=self.generation_config(timeout)
+            model=self.model, contents=prompt, config=self._config()
         )
         return self.parse_response(response)
+
+    def _config(self) -> types.GenerateContentConfig | None:
+        """The uncached request config, built once (fields do not change while running)."""
+        if not self._config_built:
+            self._request_config = self.generation_config()
+            self._config_built = True
+        return self._request_config
 
     def parse_response(self, response: types.GenerateContentResponse) -> ExecuteResult:
         """(output, usage, metadata), or a classified error that carries the billed tokens."""
