@@ -359,7 +359,7 @@ async def run_scenario(s: Scenario, scale: float) -> list[dict[str, Any]]:
                     print("  abl: skipped (pip install -e '.[bench]')")
                     continue
             emulator.reset()
-            if s.rpm:
+            if s.rpm and rows:
                 await asyncio.sleep(61)  # let the emulator's quota window empty between legs
             cpu0, emu0, wall0 = time.process_time(), emulator.cpu_seconds(), time.perf_counter()
             with RssSampler() as rss:
@@ -390,7 +390,7 @@ async def run_scenario(s: Scenario, scale: float) -> list[dict[str, Any]]:
                 ]
             rows.append(row)
             print("  " + json.dumps(row), flush=True)
-            if name in TASK_RUNS:
+            if name in TASK_RUNS and name != s.legs[-1]:
                 recorded += TASK_RUNS[name](s)
                 waited = await settle(recorded)
                 print(f"  (server recorded the task runs after {waited:.0f} s more)", flush=True)
