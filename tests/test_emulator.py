@@ -379,3 +379,25 @@ def test_aiohttp_is_not_installed():
     """If aiohttp were importable, google-genai would switch transports (see the notes)."""
     with pytest.raises(ImportError):
         __import__("aiohttp")
+
+
+def test_clock_and_faults_can_be_driven_over_http():
+    with GeminiEmulator(min_cache_tokens=1) as emulator:
+        client = client_for(emulator)
+        cache = client.caches.create(
+            model="gemini-2.5-flash",
+            config=types.CreateCachedContentConfig(contents=["some context"], ttl="60s"),
+        )
+        httpx.post(f"{emulator.base_url}/_emulator/clock/advance", json={"seconds": 61})
+        with pytest.raises(genai_errors.ClientError, match="is expired"):
+            client.models.generate_content(
+                model="gemini-2.5-flash",
+                contents="q",
+                config=types.GenerateContentConfig(cached_content=cache.name),
+            )
+        httpx.post(
+            f"{emulator.base_url}/_emulator/faults", json={"faults": [{"kind": "503", "times": 1}]}
+        )
+        with pytest.raises(genai_errors.ServerError):
+            client.models.generate_content(model="gemini-2.5-flash", contents="q")
+        assert client.models.generate_content(model="gemini-2.5-flash", contents="q").text

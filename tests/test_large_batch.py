@@ -107,3 +107,22 @@ async def test_chunk_mode_bounds_calls_in_flight_by_max_workers():
 def test_cache_results_needs_one_task_per_item():
     with pytest.raises(pydantic.ValidationError, match="cannot be combined with items_per_task"):
         ProcessorConfig(items_per_task=10, cache_results=True)
+
+
+async def test_a_crashed_chunk_task_is_retried_without_rerunning_finished_items():
+    strategy = ScriptedStrategy(latency=0.01)
+    crashed: list[str] = []
+
+    def crash_once(result) -> None:
+        if not crashed:  # the first result's reporting blows up the chunk task once
+            crashed.append(result.item_id)
+            raise RuntimeError("results sink failed")
+
+    config = chunked(items_per_task=10, max_workers=4)
+    async with ParallelBatchProcessor(config=config, on_result=crash_once) as processor:
+        result = await processor.process_stream(
+            LLMWorkItem(item_id=f"i{i}", strategy=strategy, prompt=f"i{i}") for i in range(10)
+        )
+    assert result.total_items == 10 and result.succeeded == 10
+    assert sorted(r.item_id for r in result.results) == sorted(f"i{i}" for i in range(10))
+    assert len(strategy.calls_for(crashed[0])) == 1, "a finished item is not run again"
