@@ -78,6 +78,19 @@ class ProcessorConfig(BaseModel):
     refresh_cache: bool = Field(
         False, description="With cache_results: recompute every item and overwrite its result."
     )
+    result_ttl_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="With cache_results: how long a stored result may be reused, in seconds "
+        "(empty: no expiry).",
+    )
+    max_failed_fraction: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Largest fraction of items (0.0 to 1.0) that may fail before the batch "
+        "counts as failed. A batch in which every item failed always counts as failed.",
+    )
     keep_results: bool = Field(
         True, description="Keep every result in BatchResult.results (off: totals only)."
     )

@@ -27,6 +27,7 @@ from typing import Protocol, cast, runtime_checkable
 
 import pydantic
 
+from prefect_batch_llm._secrets import scrub
 from prefect_batch_llm.results import TokenUsage
 
 
@@ -43,6 +44,7 @@ class ErrorCategory(StrEnum):
     PREPARE_FAILED = "prepare_failed"
     BATCH_TIMEOUT = "batch_timeout"
     INVALID_INPUT = "invalid_input"
+    ABORTED = "aborted"
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,6 @@ class DefaultErrorClassifier:
 
 
 def describe(exc: BaseException, *, limit: int = 500) -> str:
-    """`Type: message`, shortened, for results and reports."""
-    text = f"{type(exc).__name__}: {exc}"
+    """`Type: message`, shortened and scrubbed of credentials, for results and reports."""
+    text = scrub(f"{type(exc).__name__}: {exc}")
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,86 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
-import math
 import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-)
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, Self, TypedDict, TypeVar, cast
 
-from prefect import Task, flow
+from prefect import flow
 from prefect.context import FlowRunContext
 
-from prefect_batch_llm._attempts import BatchRuntime, BatchStats, ItemRun
-from prefect_batch_llm._chunks import Chunk, run_chunk
-from prefect_batch_llm._lifecycle import StrategyLifecycle
+from prefect_batch_llm._engine import (
+    BatchRun,
+    BatchRuntime,
+    BatchStats,
+    ResultHandlerError,
+    Source,
+    StrategyLifecycle,
+)
+from prefect_batch_llm._events import emit_batch_event
 from prefect_batch_llm._reporting import BatchReport
-from prefect_batch_llm._task import item_task
 from prefect_batch_llm.config import ProcessorConfig
-from prefect_batch_llm.errors import ErrorCategory, ErrorClassifier, describe
+from prefect_batch_llm.errors import ErrorClassifier
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.results import BatchResult, ModelPricing, WorkItemResult
 
 TInput = TypeVar("TInput")
 TOutput = TypeVar("TOutput")
 TContext = TypeVar("TContext")
-
-logger = logging.getLogger("prefect_batch_llm")
-
-
-def _duplicate(item_id: str) -> str:
-    return (
-        f"Duplicate item_id {item_id!r}: an earlier item of this batch has the same id; item "
-        "ids must be unique because results are reported per id. Give this item another id."
-    )
-
-
-class _Source:
-    """Where workers take their next item: a list, an iterator or an async iterator."""
-
-    def __init__(self, items: Iterable[Any] | AsyncIterable[Any], total: int | None) -> None:
-        self.total = total
-        self._index = 0
-        self._sync: Iterator[Any] | None = None
-        self._async: AsyncIterator[Any] | None = None
-        if isinstance(items, AsyncIterable):
-            self._async = aiter(items)
-        else:
-            self._sync = iter(items)
-        self._lock = asyncio.Lock()
-
-    async def next(self) -> tuple[int, LLMWorkItem[Any, Any, Any]] | None:
-        if self._sync is not None:
-            item = next(self._sync, None)  # no await: atomic between workers
-        else:
-            async with self._lock:  # an async generator cannot be advanced concurrently
-                assert self._async is not None
-                item = await anext(self._async, None)
-        if item is None:
-            return None
-        if not isinstance(item, LLMWorkItem):
-            raise TypeError(
-                f"process_stream() takes LLMWorkItems; item {self._index} is a "
-                f"{type(item).__name__}."
-            )
-        self._index += 1
-        return self._index - 1, item
-
-    def drain(self) -> Iterator[tuple[int, LLMWorkItem[Any, Any, Any]]]:
-        """Items never started (after a batch timeout), for their failed results."""
-        if self._sync is None:
-            return
-        for item in self._sync:
-            self._index += 1
-            yield self._index - 1, item
 
 
 class ProcessingStats(TypedDict):
@@ -99,6 +45,9 @@ class ProcessingStats(TypedDict):
     total_input_tokens: int
     total_output_tokens: int
     total_cached_tokens: int
+    cached_input_tokens: int
+    total_tokens: int
+    start_time: float | None
     duration: float
 
 
@@ -125,8 +74,12 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         error_classifier: Classifier for every item's errors. By default each strategy's
             own `error_classifier` is used, else the `DefaultErrorClassifier`.
         on_result: Called with each item's result as soon as it is final (sync or async),
-            e.g. to write results incrementally.
+            one call at a time, e.g. to write results incrementally. It is never cancelled
+            by `batch_timeout`. If it raises, the batch stops: no new item starts, items in
+            flight finish and are accounted, every item not run gets an `aborted` result,
+            and `process_all()` raises `ResultHandlerError` (its `result` holds the totals).
         pricing: Prices for the cost line of the batch report artifact.
+        destination: Where the caller writes the results (shown in the report and event).
     """
 
     def __init__(
@@ -136,18 +89,20 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         error_classifier: ErrorClassifier | None = None,
         on_result: Callable[[WorkItemResult[Any, Any]], Awaitable[None] | None] | None = None,
         pricing: ModelPricing | None = None,
+        destination: str | None = None,
     ) -> None:
         self.config = config or ProcessorConfig()
+        self._destination = destination
         self._classifier = error_classifier
         self._on_result = on_result
         self._pricing = pricing
         self._items: list[LLMWorkItem[TInput, TOutput, TContext]] = []
         self._ids: set[str] = set()
         self._started = False
-        self._lifecycle = StrategyLifecycle()
+        self._lifecycle = StrategyLifecycle(self.config.retry, error_classifier)
         self._stats = BatchStats()
         self._runner: asyncio.Runner | None = None
-        self._source: _Source | None = None
+        self._source: Source | None = None
 
     # -- context manager -------------------------------------------------------------------
 
@@ -210,7 +165,7 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
     async def process_all(self) -> BatchResult[TOutput, TContext]:
         """Run every queued item to exactly one terminal result, in the order added."""
         self._begin()
-        return await self._run_here_or_in_own_flow(_Source(self._items, len(self._items)))
+        return await self._run_here_or_in_own_flow(Source(self._items, len(self._items)))
 
     async def process_stream(
         self,
@@ -226,7 +181,7 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         `invalid_input`) instead of running. `total`, if known, drives progress reporting.
         """
         self._begin()
-        return await self._run_here_or_in_own_flow(_Source(items, total))
+        return await self._run_here_or_in_own_flow(Source(items, total))
 
     def process_all_sync(self) -> BatchResult[TOutput, TContext]:
         """`process_all()` for synchronous code (a sync flow, a script).
@@ -246,7 +201,7 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             )
         self._started = True
 
-    async def _run_here_or_in_own_flow(self, source: _Source) -> BatchResult[TOutput, TContext]:
+    async def _run_here_or_in_own_flow(self, source: Source) -> BatchResult[TOutput, TContext]:
         if FlowRunContext.get() is not None:
             return await self._run(source)
         # Not a flow parameter: Prefect serialises parameters, which would consume iterators.
@@ -261,124 +216,33 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         assert self._source is not None
         return await self._run(self._source)
 
-    async def _run(self, source: _Source) -> BatchResult[TOutput, TContext]:
-        stats, config = self._stats, self.config
-        stats.total = source.total or 0
-        stats.started_at = time.monotonic()
-        runtime = BatchRuntime(config, self._lifecycle, self._classifier, stats)
-        run_item = item_task(runtime)
+    async def _run(self, source: Source) -> BatchResult[TOutput, TContext]:
+        config = self.config
+        runtime = BatchRuntime(config, self._lifecycle, self._classifier, self._stats)
         report = BatchReport(
             artifacts=config.report_artifacts,
             progress_bar=config.progress_bar,
             key=config.artifact_key,
             pricing=self._pricing,
         )
-        totals = stats.results
-        kept: list[tuple[int, WorkItemResult[Any, Any]]] = []
-        in_flight: dict[int, ItemRun] = {}
-        seen_ids: set[str] = set()
-        await report.start(source.total)
-
-        async def finish(index: int, result: WorkItemResult[Any, Any]) -> None:
-            totals.add(result)
-            if config.keep_results:
-                kept.append((index, result))
-            await report.on_result(result)
-            if self._on_result is not None:
-                outcome: Any = self._on_result(result)
-                if inspect.isawaitable(outcome):
-                    await outcome
-
-        async def take() -> tuple[int, ItemRun] | None:
-            """The next item to run (duplicate ids are finished as invalid on the way)."""
-            while (taken := await source.next()) is not None:
-                index, item = taken
-                run = ItemRun(item, runtime)
-                if item.item_id in seen_ids:
-                    await finish(index, run.fail(_duplicate(item.item_id), "invalid_input"))
-                    continue
-                seen_ids.add(item.item_id)
-                return index, run
-            return None
-
-        async def item_worker() -> None:
-            # Workers pull one item at a time: no coroutine exists for an item until a worker
-            # takes it, so memory stays flat however many items the source holds.
-            while (taken := await take()) is not None:
-                index, run = taken
-                in_flight[index] = run
-                result = await self._run_one(run_item, run)
-                del in_flight[index]
-                await finish(index, result)
-
-        size = config.items_per_task
-        slots = asyncio.Semaphore(config.max_workers)
-
-        async def chunk_worker() -> None:
-            assert size is not None
-            while True:
-                items: list[tuple[int, ItemRun]] = []
-                while len(items) < size and (taken := await take()) is not None:
-                    items.append(taken)
-                if not items:
-                    return
-                await run_chunk(Chunk(items, slots, finish, in_flight))
-
-        if size is None:
-            workers = [item_worker] * config.max_workers
-        else:
-            # Enough chunks in flight to keep max_workers calls busy while one drains its tail.
-            workers = [chunk_worker] * (math.ceil(config.max_workers / size) + 1)
+        batch_run = BatchRun(source, runtime, report, self._on_result)
         try:
-            async with asyncio.timeout(config.batch_timeout):
-                async with asyncio.TaskGroup() as group:
-                    for worker in workers:
-                        group.create_task(worker())
-        except TimeoutError:
-            logger.error(
-                "Batch timeout: %.1fs elapsed before every item finished; unfinished items "
-                "are reported as failed (category batch_timeout).",
-                config.batch_timeout or 0.0,
-            )
-            message = (
-                f"ProcessorConfig.batch_timeout ({config.batch_timeout}s) elapsed before this "
-                "item finished; raise batch_timeout or max_workers."
-            )
-            unstarted = [(i, ItemRun(item, runtime)) for i, item in source.drain()]
-            for index, run in [*sorted(in_flight.items()), *unstarted]:
-                await finish(index, run.fail(message, ErrorCategory.BATCH_TIMEOUT))
-        finally:
-            stats.finished_at = time.monotonic()
-        kept.sort(key=lambda pair: pair[0])
-        batch: BatchResult[TOutput, TContext] = BatchResult(
-            results=[result for _, result in kept], totals=totals
-        )
-        batch.duration = stats.finished_at - stats.started_at
-        await report.finish(batch)
+            batch = await batch_run.run()
+        except ResultHandlerError as error:
+            error.result.max_failed_fraction = 1.0
+            await self._conclude(report, error.result, aborted=str(error))
+            raise
+        batch.max_failed_fraction = config.max_failed_fraction
+        await self._conclude(report, batch)
         return batch
 
-    @staticmethod
-    async def _run_one(run_item: Task[..., Any], run: ItemRun) -> WorkItemResult[Any, Any]:
-        runs = run.runtime.runs_by_task_run
-        try:
-            state = await run_item(run.item.item_id, run, return_state=True)
-            if state.is_completed() and not run.success and run.calls == 0:
-                # An earlier run completed this item (cache_results): its stored output.
-                return run.cached(await state.aresult())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the task engine itself failed, not the strategy
-            error = f"the item's task run crashed: {describe(exc)}"
-            return run.fail(error, ErrorCategory.TRANSIENT)
-        finally:
-            if run.task_run_id is not None:
-                runs.pop(run.task_run_id, None)
-        if not state.is_completed() and run.last_error is None:
-            return run.fail(
-                f"the item's task run ended in state {state.name}: {state.message}",
-                ErrorCategory.TRANSIENT,
-            )
-        return run.result()
+    async def _conclude(
+        self, report: BatchReport, batch: BatchResult[Any, Any], aborted: str | None = None
+    ) -> None:
+        await report.finish(batch)
+        await emit_batch_event(
+            batch, pricing=self._pricing, destination=self._destination, aborted=aborted
+        )
 
     # -- observing -------------------------------------------------------------------------
 
@@ -398,5 +262,8 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             total_input_tokens=stats.input_tokens,
             total_output_tokens=stats.output_tokens,
             total_cached_tokens=stats.cached_input_tokens,
+            cached_input_tokens=stats.cached_input_tokens,
+            total_tokens=stats.input_tokens + stats.output_tokens,
+            start_time=stats.started_at_wall,
             duration=(end - stats.started_at) if stats.started_at is not None else 0.0,
         )

@@ -147,6 +147,55 @@ class ResultTotals:
         self.retries_by_category.update(result.retries_by_category)
 
 
+@dataclass(frozen=True)
+class BatchOutcome:
+    """The verdict on a batch under its failure policy.
+
+    Attributes:
+        failed: More items failed than allowed, or every item failed.
+        message: One line, e.g. `37 of 200 items failed (18.5% > 5% allowed): 30 rate_limit,
+            7 permanent`.
+    """
+
+    failed: bool
+    message: str
+
+
+def judge(totals: ResultTotals, max_failed_fraction: float) -> BatchOutcome:
+    """Whether a batch with these totals failed, allowing `max_failed_fraction` of failures.
+
+    A batch in which every item failed is failed whatever the allowance; an empty batch is not.
+    """
+    total, failed = totals.total_items, totals.failed
+    if total == 0:
+        return BatchOutcome(False, "0 items")
+    fraction = failed / total
+    breakdown = ", ".join(
+        f"{count} {category}" for category, count in totals.errors_by_category.most_common()
+    )
+    head = f"{failed} of {total} items failed"
+    if failed and failed == total:
+        return BatchOutcome(True, f"{head} (every item failed): {breakdown}")
+    if fraction > max_failed_fraction:
+        return BatchOutcome(
+            True,
+            f"{head} ({fraction:.1%} > {max_failed_fraction:.0%} allowed): {breakdown}",
+        )
+    if failed:
+        return BatchOutcome(
+            False, f"{head} ({fraction:.1%} <= {max_failed_fraction:.0%} allowed): {breakdown}"
+        )
+    return BatchOutcome(False, f"{total} of {total} items succeeded")
+
+
+class BatchFailedError(RuntimeError):
+    """More items failed than the batch's failure policy allows; `result` has them all."""
+
+    def __init__(self, message: str, result: BatchResult[Any, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 @dataclass
 class BatchResult(Generic[TOutput, TContext]):
     """The results of a batch and their totals.
@@ -164,6 +213,7 @@ class BatchResult(Generic[TOutput, TContext]):
     total_cached_tokens: int = 0
     duration: float = 0.0
     totals: ResultTotals | None = field(default=None, repr=False)
+    max_failed_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.totals is None:
@@ -177,6 +227,18 @@ class BatchResult(Generic[TOutput, TContext]):
         self.total_input_tokens = totals.total_input_tokens
         self.total_output_tokens = totals.total_output_tokens
         self.total_cached_tokens = totals.total_cached_tokens
+
+    @property
+    def outcome(self) -> BatchOutcome:
+        """The verdict under `max_failed_fraction` (the processor sets it from its config)."""
+        assert self.totals is not None
+        return judge(self.totals, self.max_failed_fraction)
+
+    def raise_for_outcome(self) -> None:
+        """Raise `BatchFailedError` if more items failed than allowed (or every item did)."""
+        outcome = self.outcome
+        if outcome.failed:
+            raise BatchFailedError(outcome.message, self)
 
     def cache_hit_rate(self) -> float:
         """Cached input tokens as a percentage of all input tokens (0.0 when there are none)."""
@@ -225,6 +287,8 @@ class BatchResult(Generic[TOutput, TContext]):
             "errors_by_category": self.errors_by_category(),
             "retries_by_category": self.retries_by_category(),
             "duration_seconds": round(self.duration, 3),
+            "outcome": "failed" if self.outcome.failed else "completed",
+            "outcome_message": self.outcome.message,
         }
         if pricing is not None:
             digest["estimated_cost_usd"] = round(self.estimated_cost(pricing), 6)

@@ -109,20 +109,28 @@ def test_cache_results_needs_one_task_per_item():
         ProcessorConfig(items_per_task=10, cache_results=True)
 
 
-async def test_a_crashed_chunk_task_is_retried_without_rerunning_finished_items():
+async def test_a_crashed_chunk_task_is_retried_without_rerunning_finished_items(monkeypatch):
+    from prefect_batch_llm._engine.attempts import ItemRun
+
     strategy = ScriptedStrategy(latency=0.01)
     crashed: list[str] = []
+    run_to_completion = ItemRun.run_to_completion
 
-    def crash_once(result) -> None:
-        if not crashed:  # the first result's reporting blows up the chunk task once
-            crashed.append(result.item_id)
-            raise RuntimeError("results sink failed")
+    async def crash_once(self: ItemRun):
+        result = await run_to_completion(self)
+        if not crashed:  # the engine itself fails once, after the first item finished
+            crashed.append(self.item.item_id)
+            raise RuntimeError("engine failure")
+        return result
 
+    monkeypatch.setattr(ItemRun, "run_to_completion", crash_once)
     config = chunked(items_per_task=10, max_workers=4)
-    async with ParallelBatchProcessor(config=config, on_result=crash_once) as processor:
+    async with ParallelBatchProcessor(config=config) as processor:
         result = await processor.process_stream(
             LLMWorkItem(item_id=f"i{i}", strategy=strategy, prompt=f"i{i}") for i in range(10)
         )
     assert result.total_items == 10 and result.succeeded == 10
     assert sorted(r.item_id for r in result.results) == sorted(f"i{i}" for i in range(10))
-    assert len(strategy.calls_for(crashed[0])) == 1, "a finished item is not run again"
+    assert len(strategy.calls_for(crashed[0])) == 2, "the crashed item ran again"
+    # Only the calls in flight when the chunk crashed (at most max_workers) run again.
+    assert sum(len(strategy.calls_for(f"i{i}")) for i in range(10)) <= 10 + 4

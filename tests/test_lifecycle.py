@@ -9,7 +9,7 @@ import pytest
 from helpers import CountingStrategy
 from prefect import flow
 
-from prefect_batch_llm import LLMWorkItem, ParallelBatchProcessor, ProcessorConfig
+from prefect_batch_llm import LLMWorkItem, ParallelBatchProcessor, ProcessorConfig, RetryConfig
 
 
 async def test_shared_strategy_prepared_once_by_20_workers_over_100_items():
@@ -58,14 +58,17 @@ async def test_failing_prepare_fails_only_that_strategys_items():
             raise ConnectionError("cache service unreachable")
 
     broken, healthy = BrokenPrepare("broken"), CountingStrategy("healthy")
-    async with ParallelBatchProcessor(config=ProcessorConfig(max_workers=4)) as processor:
+    fast = RetryConfig(max_attempts=3, initial_wait=0.01, max_wait=0.02)
+    config = ProcessorConfig(max_workers=4, retry=fast)
+    async with ParallelBatchProcessor(config=config) as processor:
         for i in range(6):
             await processor.add_work(LLMWorkItem(item_id=f"b{i}", strategy=broken, prompt="x"))
             await processor.add_work(LLMWorkItem(item_id=f"h{i}", strategy=healthy, prompt="x"))
         result = await processor.process_all()
 
     by_id = {r.item_id: r for r in result.results}
-    assert broken.prepare_count == 1, "a failed prepare is not retried per item"
+    # A transient prepare error is retried under the retry policy, once for all the items.
+    assert broken.prepare_count == 3, "prepare is retried max_attempts times, not per item"
     assert broken.execute_count == 0
     for i in range(6):
         failed = by_id[f"b{i}"]

@@ -14,6 +14,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
 from prefect_batch_llm._links import LOGO_URL, docs_page
+from prefect_batch_llm._secrets import register_secret
 
 _ENV_KEYS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
@@ -82,10 +83,12 @@ client = gemini_credentials.get_client()
             ValueError: when there is none, saying where to put one.
         """
         if self.api_key is not None and self.api_key.get_secret_value():
+            register_secret(self.api_key.get_secret_value())
             return self.api_key.get_secret_value()
         for name in _ENV_KEYS:
             value = os.environ.get(name)
             if value:
+                register_secret(value)
                 return value
         raise ValueError(
             "No Gemini API key: set GeminiCredentials(api_key=...) or the GEMINI_API_KEY "

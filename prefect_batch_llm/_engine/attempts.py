@@ -1,0 +1,287 @@
+"""One work item's attempts: execute one, account for it, apply the retry decision.
+
+`ItemRun.attempt()` is the body of the item's Prefect task (or of one loop turn in a chunk
+task). On failure it classifies the error, records tokens and counters, asks `decide()`
+whether to retry and raises `ItemAttemptFailed`, which carries that decision to Prefect's
+`retry_condition_fn`. The wait itself happens at the start of the next attempt, because
+Prefect's retry delay is fixed per task and cannot honour a Retry-After. Only scrubbed text
+of a provider error is kept: the exception itself (which may hold request headers) is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from prefect_batch_llm._engine.decision import Used, decide
+from prefect_batch_llm._engine.lifecycle import StrategyPrepareError
+from prefect_batch_llm._engine.runtime import BatchRuntime
+from prefect_batch_llm.errors import (
+    ErrorCategory,
+    ErrorInfo,
+    FrameworkTimeoutError,
+    PermanentError,
+    describe,
+    info_for_category,
+    token_usage_of,
+)
+from prefect_batch_llm.items import LLMWorkItem
+from prefect_batch_llm.results import (
+    TokenUsage,
+    WorkItemResult,
+    add_usage,
+    validate_token_usage,
+)
+from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, unpack_execute_result
+
+logger = logging.getLogger("prefect_batch_llm")
+
+
+class ItemAttemptFailed(Exception):
+    """A failed attempt as Prefect sees it: scrubbed text and the retry decision.
+
+    It is what the item's task run raises, so it is all Prefect logs, shows in the task
+    run's state and could persist: never the provider's exception object.
+    """
+
+    def __init__(self, message: str, retry: bool = False) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.args[0], self.retry))
+
+
+class ItemRun:
+    """One work item's progress through its attempts (a plain object: Prefect does not walk it)."""
+
+    def __init__(self, item: LLMWorkItem[Any, Any, Any], runtime: BatchRuntime) -> None:
+        self.item = item
+        self.runtime = runtime
+        self.state = RetryState()
+        self.used = Used()
+        self.calls = 0
+        self.usage = TokenUsage()
+        self.retries_by_category: Counter[str] = Counter()
+        self.not_before = 0.0
+        self.started: float | None = None
+        self.deadline: float | None = None
+        self.success = False
+        self.output: Any = None
+        self.metadata: dict[str, Any] = {}
+        self.error: str | None = None
+        self.error_category: str | None = None
+
+    @property
+    def attempt_number(self) -> int:
+        return self.used.attempt
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def attempt(self) -> Any:
+        """Make one attempt; return the output or raise `ItemAttemptFailed`."""
+        config = self.runtime.config
+        strategy = self.item.strategy
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+            if config.total_timeout_per_item is not None:
+                self.deadline = now + config.total_timeout_per_item
+        try:
+            if self.not_before > now:
+                await asyncio.sleep(self.not_before - now)
+            if config.dry_run:
+                self.calls += 1
+                raw = await strategy.dry_run(self.item.prompt)
+            else:
+                raw = await self._within_deadline(self._execute(strategy))
+            output, usage, metadata = unpack_execute_result(
+                raw, source=f"{type(strategy).__name__}.execute()"
+            )
+            try:
+                usage = validate_token_usage(usage, source=f"{type(strategy).__name__}.execute()")
+            except ValueError as exc:
+                raise PermanentError(str(exc)) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise await self._after_failure(exc) from None
+        add_usage(self.usage, usage)
+        self.runtime.stats.record_usage(usage)
+        self.success, self.output, self.metadata = True, output, metadata
+        return output
+
+    async def _within_deadline(self, call: Any) -> Any:
+        """Everything an attempt waits for (prepare, cooldown, pacing, the call) ends at the
+        item's deadline."""
+        if self.deadline is None:
+            return await call
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            call.close()
+            raise self._total_timeout()
+        try:
+            async with asyncio.timeout(remaining):
+                return await call
+        except TimeoutError as exc:
+            if isinstance(exc, FrameworkTimeoutError) or time.monotonic() < self.deadline:
+                raise
+            raise self._total_timeout() from None
+
+    async def _execute(self, strategy: LLMCallStrategy[Any]) -> Any:
+        runtime = self.runtime
+        await runtime.lifecycle.ensure_prepared(strategy)
+        await runtime.limiter_for(strategy).acquire()
+        limit = runtime.config.timeout_per_item
+        if self.deadline is not None:
+            limit = min(limit, max(0.0, self.deadline - time.monotonic()))
+        self.calls += 1
+        runtime.stats.calls += 1
+        started = time.monotonic()
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                if runtime.passes_state(strategy):
+                    return await strategy.execute(
+                        self.item.prompt, self.attempt_number, limit, self.state
+                    )
+                return await strategy.execute(self.item.prompt, self.attempt_number, limit)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            elapsed = time.monotonic() - started
+            raise FrameworkTimeoutError(
+                f"Item {self.item.item_id!r}: attempt {self.attempt_number} timed out after "
+                f"{elapsed:.1f}s (limit {limit:.1f}s). Raise ProcessorConfig.timeout_per_item "
+                "if calls legitimately take longer.",
+                item_id=self.item.item_id,
+                elapsed=elapsed,
+                timeout_limit=limit,
+            ) from exc
+
+    def _total_timeout(self) -> FrameworkTimeoutError:
+        total = self.runtime.config.total_timeout_per_item or 0.0
+        elapsed = time.monotonic() - (self.started or time.monotonic())
+        return FrameworkTimeoutError(
+            f"Item {self.item.item_id!r} used its whole total_timeout_per_item ({total:.1f}s) "
+            f"over {self.calls} call(s).",
+            item_id=self.item.item_id,
+            elapsed=elapsed,
+            timeout_limit=total,
+        )
+
+    # -- after a failed attempt ------------------------------------------------------------
+
+    def _classify(self, exc: BaseException) -> ErrorInfo:
+        if isinstance(exc, StrategyPrepareError):
+            return info_for_category(ErrorCategory.PREPARE_FAILED)
+        classifier = self.runtime.classifier_for(self.item.strategy)
+        try:
+            return classifier.classify(exc)
+        except Exception as classify_error:
+            logger.error(
+                "%s.classify() raised %s; treating the error as transient",
+                type(classifier).__name__,
+                describe(classify_error),
+            )
+            return info_for_category(ErrorCategory.TRANSIENT)
+
+    async def _after_failure(self, exc: Exception) -> ItemAttemptFailed:
+        runtime, config = self.runtime, self.runtime.config
+        usage = token_usage_of(exc)
+        add_usage(self.usage, usage)
+        runtime.stats.record_usage(usage)
+        info = self._classify(exc)
+        category = str(info.error_category)
+        runtime.stats.error_counts[category] += 1
+        if info.is_rate_limit:
+            runtime.stats.rate_limit_count += 1
+        strategy = self.item.strategy
+        if not isinstance(exc, StrategyPrepareError) and not config.dry_run:
+            try:
+                await strategy.on_error(exc, self.attempt_number, self.state)
+            except Exception as hook_error:
+                logger.error(
+                    "%s.on_error() raised %s; the retry decision is unchanged",
+                    type(strategy).__name__,
+                    describe(hook_error),
+                )
+        now = time.monotonic()
+        decision = decide(info, self.used, config.retry, now=now, deadline=self.deadline)
+        if decision.cooldown > 0:
+            runtime.limiter_for(strategy).start_cooldown(decision.cooldown)
+        error = describe(exc)
+        if info.message:
+            error = f"{error} ({info.message})"
+        self.error, self.error_category = error, category
+        if decision.retry:
+            self.used = decision.used_after(self.used)
+            self.not_before = now + decision.wait
+            runtime.stats.retries += 1
+            self.retries_by_category[category] += 1
+            explanation = f"{decision.reason} after {category}, waiting {decision.wait:.1f} s"
+        else:
+            explanation = f"final: {decision.reason}"
+        logger.log(
+            logging.INFO if decision.retry else logging.WARNING,
+            "Item %r: %s; %s",
+            self.item.item_id,
+            error,
+            explanation,
+        )
+        return ItemAttemptFailed(f"{category}: {error} [{explanation}]", retry=decision.retry)
+
+    # -- the item's one result -------------------------------------------------------------
+
+    async def run_to_completion(self) -> WorkItemResult[Any, Any]:
+        """All attempts in-process, under the same policy as the per-item tasks (chunks)."""
+        while True:
+            try:
+                await self.attempt()
+            except ItemAttemptFailed as failure:
+                if not failure.retry:
+                    return self.result()
+            else:
+                return self.result()
+
+    def cached(self, output: Any) -> WorkItemResult[Any, Any]:
+        """The result of an item an earlier run completed (nothing billed in this run)."""
+        return WorkItemResult(
+            item_id=self.item.item_id,
+            success=True,
+            output=output,
+            metadata={"cached_result": True},
+            context=self.item.context,
+        )
+
+    def result(self) -> WorkItemResult[Any, Any]:
+        """The item's one terminal result (call once its attempts are over)."""
+        duration = time.monotonic() - self.started if self.started is not None else 0.0
+        common: dict[str, Any] = {
+            "item_id": self.item.item_id,
+            "token_usage": self.usage,
+            "attempts": self.calls,
+            "context": self.item.context,
+            "retries_by_category": dict(self.retries_by_category),
+            "duration": duration,
+        }
+        if self.success:
+            return WorkItemResult(
+                success=True, output=self.output, metadata=self.metadata, **common
+            )
+        return WorkItemResult(
+            success=False,
+            error=self.error or "the item did not finish",
+            error_category=self.error_category or str(ErrorCategory.TRANSIENT),
+            **common,
+        )
+
+    def fail(self, error: str, category: str) -> WorkItemResult[Any, Any]:
+        """A failed result for an item stopped from outside (batch timeout, crash, abort)."""
+        result = self.result()
+        result.success, result.output = False, None
+        result.error, result.error_category = error, category
+        return result

@@ -1,0 +1,292 @@
+"""`BatchRun`: one batch, from its source to one delivered result per item.
+
+BatchRun owns the source, the items taken and not yet finished, the batch deadline and the
+delivery of every result, whichever the mode. Workers take items and execute them (one
+item task per item, or chunk tasks); they hand each final result back to BatchRun's inbox
+and never call user code. One deliverer, outside the batch deadline, takes results from the
+inbox in turn: totals, report, `on_result`. When the deadline passes, BatchRun stops the
+workers and itself gives every item it ever took and every item it never took its result.
+An `on_result` that raises stops the batch: no new item starts, items in flight finish and
+are accounted, the rest of the source gets `aborted` results, and the error is raised at
+the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from prefect import Task
+
+from prefect_batch_llm._engine.attempts import ItemRun
+from prefect_batch_llm._engine.chunks import Chunk, chunk_task
+from prefect_batch_llm._engine.runtime import BatchRuntime
+from prefect_batch_llm._engine.source import Source
+from prefect_batch_llm._engine.tasks import item_task_for
+from prefect_batch_llm._reporting import BatchReport
+from prefect_batch_llm.errors import ErrorCategory, describe
+from prefect_batch_llm.items import LLMWorkItem
+from prefect_batch_llm.results import BatchResult, WorkItemResult
+
+logger = logging.getLogger("prefect_batch_llm")
+
+OnResult = Callable[[WorkItemResult[Any, Any]], Awaitable[None] | None]
+_DONE = object()
+
+
+class ResultHandlerError(RuntimeError):
+    """`on_result` raised: the batch stopped early. `result` holds what was accounted."""
+
+    def __init__(self, message: str, result: BatchResult[Any, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class BatchRun:
+    """Runs one batch to exactly one delivered result per item read from the source."""
+
+    def __init__(
+        self,
+        source: Source,
+        runtime: BatchRuntime,
+        report: BatchReport,
+        on_result: OnResult | None,
+    ) -> None:
+        self.source = source
+        self.runtime = runtime
+        self.config = runtime.config
+        self.report = report
+        self.on_result = on_result
+        self.taken: dict[int, ItemRun] = {}
+        self._seen_ids: set[str] = set()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._kept: list[tuple[int, WorkItemResult[Any, Any]]] = []
+        self._handler_error: BaseException | None = None
+        self._stopped: str | None = None
+        # Undelivered results are bounded: a worker takes an item only when there is room.
+        size = self.config.items_per_task
+        in_flight = self.config.max_workers if size is None else self._chunk_workers() * size
+        self._room = asyncio.Semaphore(in_flight + self.config.max_workers)
+
+    def _chunk_workers(self) -> int:
+        # Enough chunks in flight to keep max_workers calls busy while one drains its tail.
+        size = self.config.items_per_task or 1
+        return math.ceil(self.config.max_workers / size) + 1
+
+    # -- taking items ----------------------------------------------------------------------
+
+    async def _take(self) -> tuple[int, ItemRun] | None:
+        """The next item to run; ids seen before and non-items become failed results."""
+        while self._stopped is None:
+            await self._room.acquire()
+            taken = await self.source.next()
+            if taken is None:
+                self._room.release()
+                return None
+            index, item = taken
+            rejected = self._reject(index, item)
+            if rejected is not None:
+                self._hand_back(index, rejected)
+                continue
+            run = ItemRun(item, self.runtime)
+            self.taken[index] = run
+            return index, run
+        return None
+
+    def _reject(self, index: int, item: Any) -> WorkItemResult[Any, Any] | None:
+        if not isinstance(item, LLMWorkItem):
+            return WorkItemResult(
+                item_id=f"item-{index}",
+                success=False,
+                error=f"item {index} of the stream is a {type(item).__name__}, not an "
+                "LLMWorkItem; yield LLMWorkItem(item_id, strategy, prompt) objects.",
+                error_category=ErrorCategory.INVALID_INPUT,
+            )
+        if item.item_id in self._seen_ids:
+            return WorkItemResult(
+                item_id=item.item_id,
+                success=False,
+                error=f"Duplicate item_id {item.item_id!r}: an earlier item of this batch has "
+                "the same id; item ids must be unique because results are reported per id. "
+                "Give this item another id.",
+                error_category=ErrorCategory.INVALID_INPUT,
+                context=item.context,
+            )
+        self._seen_ids.add(item.item_id)
+        return None
+
+    def _hand_back(self, index: int, result: WorkItemResult[Any, Any]) -> None:
+        """A final result: off the taken set and into the inbox (never blocks)."""
+        self.taken.pop(index, None)
+        self._inbox.put_nowait((index, result))
+
+    # -- executing them --------------------------------------------------------------------
+
+    async def _item_worker(self, run_item: Task[..., Any]) -> None:
+        while (taken := await self._take()) is not None:
+            index, run = taken
+            self._hand_back(index, await self._run_item(run_item, run))
+
+    @staticmethod
+    async def _run_item(run_item: Task[..., Any], run: ItemRun) -> WorkItemResult[Any, Any]:
+        try:
+            state = await run_item(run.item.item_id, run, return_state=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the task engine itself failed, not the strategy
+            return run.fail(
+                f"the item's task run crashed: {describe(exc)}", ErrorCategory.TRANSIENT
+            )
+        if state.is_completed() and not run.success and run.calls == 0:
+            # An earlier run completed this item (cache_results): its stored output.
+            return run.cached(await state.aresult())
+        if not state.is_completed() and run.error is None:
+            return run.fail(
+                f"the item's task run ended in state {state.name}: {state.message}",
+                ErrorCategory.TRANSIENT,
+            )
+        return run.result()
+
+    async def _chunk_worker(self, slots: asyncio.Semaphore) -> None:
+        size = self.config.items_per_task or 1
+        while True:
+            items: list[tuple[int, ItemRun]] = []
+            while len(items) < size and (taken := await self._take()) is not None:
+                items.append(taken)
+            if not items:
+                return
+            chunk = Chunk(items, slots, self._hand_back)
+            state = await chunk_task(chunk.name, chunk, return_state=True)
+            if state.is_completed():
+                continue
+            reason = f"state {state.name}: {state.message}"
+            for index, run in items:
+                if index in self.taken:
+                    self._hand_back(
+                        index,
+                        run.fail(f"the item's chunk task failed: {reason}", "transient"),
+                    )
+
+    # -- delivering results ----------------------------------------------------------------
+
+    async def _deliver_all(self) -> None:
+        while (entry := await self._inbox.get()) is not _DONE:
+            index, result = entry
+            try:
+                await self._deliver(index, result)
+            finally:
+                self._room.release()
+
+    async def _deliver(self, index: int, result: WorkItemResult[Any, Any]) -> None:
+        self.runtime.stats.results.add(result)
+        if self.config.keep_results:
+            self._kept.append((index, result))
+        await self.report.on_result(result)
+        if self.on_result is None or self._handler_error is not None:
+            return
+        try:
+            outcome = self.on_result(result)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception as exc:
+            self._handler_error = exc
+            self._stopped = f"on_result raised {describe(exc)}"
+            logger.error(
+                "The batch's on_result raised %s: no new items start; the items in flight "
+                "finish and are accounted.",
+                describe(exc),
+            )
+
+    # -- the batch -------------------------------------------------------------------------
+
+    async def run(self) -> BatchResult[Any, Any]:
+        stats = self.runtime.stats
+        stats.total = self.source.total or 0
+        stats.started_at, stats.started_at_wall = time.monotonic(), time.time()
+        await self.report.start(self.source.total)
+        deliverer = asyncio.create_task(self._deliver_all(), name="deliver results")
+        try:
+            await self._execute()
+            self._finish_unfinished()
+            await self._drain_source()
+            self._inbox.put_nowait(_DONE)
+            await deliverer
+        except BaseException:
+            deliverer.cancel()
+            raise
+        finally:
+            stats.finished_at = time.monotonic()
+        self._kept.sort(key=lambda pair: pair[0])
+        batch: BatchResult[Any, Any] = BatchResult(
+            results=[result for _, result in self._kept], totals=stats.results
+        )
+        batch.duration = stats.finished_at - stats.started_at
+        if self._handler_error is not None:
+            raise ResultHandlerError(
+                f"The batch stopped early because on_result raised "
+                f"{describe(self._handler_error)}; {batch.total_items} items were accounted "
+                f"({batch.succeeded} succeeded).",
+                batch,
+            ) from self._handler_error
+        return batch
+
+    async def _execute(self) -> None:
+        config = self.config
+        workers: list[Coroutine[Any, Any, None]]
+        if config.items_per_task is None:
+            run_item = item_task_for(config)
+            workers = [self._item_worker(run_item) for _ in range(config.max_workers)]
+        else:
+            slots = asyncio.Semaphore(config.max_workers)
+            workers = [self._chunk_worker(slots) for _ in range(self._chunk_workers())]
+        try:
+            async with asyncio.timeout(config.batch_timeout):
+                async with asyncio.TaskGroup() as group:
+                    for worker in workers:
+                        group.create_task(worker)
+        except TimeoutError:
+            self._stopped = (
+                f"ProcessorConfig.batch_timeout ({config.batch_timeout}s) elapsed before this "
+                "item finished; raise batch_timeout or max_workers."
+            )
+            logger.error(
+                "Batch timeout: %.1fs elapsed before every item finished; unfinished items "
+                "are reported as failed (category batch_timeout).",
+                config.batch_timeout or 0.0,
+            )
+
+    def _stop_category(self) -> str:
+        if self._handler_error is None:
+            return ErrorCategory.BATCH_TIMEOUT
+        return ErrorCategory.ABORTED
+
+    def _finish_unfinished(self) -> None:
+        """After the workers stopped: a result for every item taken and not finished."""
+        if self._stopped is None:
+            return
+        for index, run in sorted(self.taken.items()):
+            self._hand_back(index, run.fail(self._stopped, self._stop_category()))
+
+    async def _drain_source(self) -> None:
+        """Items never taken (after a timeout or an abort) get their failed result too."""
+        if self._stopped is None:
+            return
+        message = self._stopped
+        if self._handler_error is not None:
+            message = f"the batch stopped before this item ran: {message}"
+        while True:
+            await self._room.acquire()
+            taken = await self.source.next()
+            if taken is None:
+                self._room.release()
+                return
+            index, item = taken
+            rejected = self._reject(index, item)
+            if rejected is None:
+                rejected = ItemRun(item, self.runtime).fail(message, self._stop_category())
+            self._hand_back(index, rejected)

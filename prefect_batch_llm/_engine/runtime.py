@@ -1,0 +1,89 @@
+"""What every item run of one batch shares: settings, lifecycle, rate limiters, counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect_batch_llm._engine.lifecycle import StrategyLifecycle
+from prefect_batch_llm._engine.rate_limit import RateLimiter
+from prefect_batch_llm.config import ProcessorConfig
+from prefect_batch_llm.errors import DefaultErrorClassifier, ErrorClassifier
+from prefect_batch_llm.results import ResultTotals, TokenUsage
+from prefect_batch_llm.strategy import LLMCallStrategy, accepts_state
+
+_DEFAULT_CLASSIFIER = DefaultErrorClassifier()
+
+
+@dataclass
+class BatchStats:
+    """Live counters of one batch (what `get_stats()` reports).
+
+    `results` counts final results; the token counters include attempts still running.
+    """
+
+    total: int = 0
+    results: ResultTotals = field(default_factory=ResultTotals)
+    calls: int = 0
+    retries: int = 0
+    rate_limit_count: int = 0
+    error_counts: Counter[str] = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    started_at: float | None = None
+    started_at_wall: float | None = None
+    finished_at: float | None = None
+
+    def record_usage(self, usage: TokenUsage) -> None:
+        self.input_tokens += usage.get("input_tokens", 0)
+        self.output_tokens += usage.get("output_tokens", 0)
+        self.cached_input_tokens += usage.get("cached_input_tokens", 0)
+
+
+class BatchRuntime:
+    """Settings, strategy lifecycle, rate limiters and counters of one batch."""
+
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        lifecycle: StrategyLifecycle,
+        classifier: ErrorClassifier | None,
+        stats: BatchStats,
+    ) -> None:
+        self.config = config
+        self.lifecycle = lifecycle
+        self.classifier = classifier
+        self.stats = stats
+        lifecycle.configure(config.retry, classifier)
+        self._limiters: dict[str, RateLimiter] = {}
+        self._accepts_state: dict[type, bool] = {}
+        self._fingerprints: dict[int, str] = {}
+
+    def limiter_for(self, strategy: LLMCallStrategy[Any]) -> RateLimiter:
+        scope = strategy.rate_limit_scope()
+        limiter = self._limiters.get(scope)
+        if limiter is None:
+            limiter = self._limiters[scope] = RateLimiter(
+                self.config.max_requests_per_minute,
+                slow_start_calls=min(self.config.max_workers, 32),
+            )
+        return limiter
+
+    def classifier_for(self, strategy: LLMCallStrategy[Any]) -> ErrorClassifier:
+        return self.classifier or strategy.error_classifier or _DEFAULT_CLASSIFIER
+
+    def passes_state(self, strategy: LLMCallStrategy[Any]) -> bool:
+        kind = type(strategy)
+        if kind not in self._accepts_state:
+            self._accepts_state[kind] = accepts_state(strategy)
+        return self._accepts_state[kind]
+
+    def fingerprint_for(self, strategy: LLMCallStrategy[Any]) -> str:
+        """The strategy's answer fingerprint, taken once per batch before its first item runs
+        (so state the strategy changes while running never changes its items' keys)."""
+        key = id(strategy)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = strategy.cache_fingerprint()
+        return self._fingerprints[key]
