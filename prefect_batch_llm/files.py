@@ -1,19 +1,27 @@
 """Batch inputs and outputs as files: stream JSONL/CSV items in, write JSONL results out.
 
 Paths may be local or any fsspec URL (`s3://…`, `gs://…`, `memory://…`). Input is read one
-line at a time, never whole; results are appended and flushed one per item.
+line at a time, never whole, as UTF-8 (a leading byte order mark is allowed); a line that is
+not valid UTF-8 becomes an invalid item, the others run. Results are written, one flushed line
+per item, to `<output>.partial`, which replaces the output only when the batch completes: a
+run that fails or is killed never touches an earlier results file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
+import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO, Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel
 
 from prefect_batch_llm.errors import ErrorCategory, LLMCallError
@@ -21,6 +29,10 @@ from prefect_batch_llm.results import WorkItemResult
 from prefect_batch_llm.strategy import ExecuteResult, LLMCallStrategy, RetryState
 
 _ID_FIELDS = ("id", "item_id")
+_BOM = b"\xef\xbb\xbf"
+_REPLACEMENT = "\ufffd"
+_RESAVE = "the file is probably in another encoding (such as Windows-1252): re-save it as UTF-8"
+_RESAVE_CSV = f"{_RESAVE} (in Excel: Save As, 'CSV UTF-8 (Comma delimited)')"
 
 
 @dataclass(frozen=True)
@@ -48,9 +60,12 @@ def input_exists(path: str) -> bool:
 
 
 def count_items(path: str) -> int:
-    """Data lines of an input file (a streaming pass, for progress reporting)."""
-    with fsspec.open(path, "rt", encoding="utf-8", newline="") as handle:
-        lines = sum(1 for raw in handle if raw.strip())
+    """Data lines of an input file (a streaming pass, for progress reporting).
+
+    Lines that are not valid UTF-8 count: they become invalid items.
+    """
+    with fsspec.open(path, "rt", encoding="latin-1", newline="") as handle:
+        lines = sum(1 for text in _Utf8Lines(handle) if text.strip())
     return max(0, lines - 1) if path.split("?", 1)[0].lower().endswith(".csv") else lines
 
 
@@ -59,7 +74,9 @@ def read_input(path: str) -> Iterator[InputRecord | InvalidInput]:
 
     JSONL lines are objects with `id` (or `item_id`), `prompt`, and either a `context` value or
     other fields (which become the context). CSV files need a `prompt` column; `id` is
-    optional; other columns become the context. A line without an id gets `line-N`.
+    optional; other columns become the context. A line without an id (or with an empty one)
+    gets `line-N`. The file is UTF-8, optionally with a byte order mark (as Excel writes it);
+    a line (for CSV, a row) that is not valid UTF-8 is an `InvalidInput`, the others are read.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -77,8 +94,11 @@ def read_input(path: str) -> Iterator[InputRecord | InvalidInput]:
             ".csv file that the flow's process can read."
         )
     seen: dict[str, int] = {}
-    with fsspec.open(path, "rt", encoding="utf-8", newline="") as handle:
-        records = _jsonl(handle) if suffix != ".csv" else _csv(handle)
+    # Latin-1 maps each byte to one character, so the text layer only splits lines (\n, \r\n
+    # or \r, as before) and `_Utf8Lines` decodes each line itself: a bad byte spoils one line.
+    with fsspec.open(path, "rt", encoding="latin-1", newline="") as handle:
+        lines = _Utf8Lines(handle)
+        records = _jsonl(lines) if suffix != ".csv" else _csv(lines)
         for record in records:
             if isinstance(record, InputRecord):
                 first = seen.get(record.item_id)
@@ -94,28 +114,99 @@ def read_input(path: str) -> Iterator[InputRecord | InvalidInput]:
             yield record
 
 
+class _Utf8Lines:
+    """The physical lines of a Latin-1 text handle, decoded as the UTF-8 they really are.
+
+    A line that is not valid UTF-8 is yielded with U+FFFD in place of its bad bytes, and
+    `errors` maps its number to a description of the first bad byte (until a reader takes it).
+    A UTF-8 byte order mark at the start of the file is dropped.
+    """
+
+    def __init__(self, handle: IO[str]) -> None:
+        self.handle = handle
+        self.line = 0
+        self.errors: dict[int, str] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.handle:
+            self.line += 1
+            raw = text.encode("latin-1")
+            if self.line == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                before = raw[: exc.start].decode("utf-8")
+                near = f", after {before[-20:]!r}" if before.strip() else ""
+                self.errors[self.line] = (
+                    f"byte 0x{raw[exc.start]:02x} at column {len(before) + 1}{near}"
+                )
+                yield raw.decode("utf-8", "replace")
+
+
+def _ident(item_id: Any) -> str | None:
+    """The id as given, stripped; None when the line has no id (missing or empty)."""
+    return None if item_id is None or item_id == "" else str(item_id).strip()
+
+
+def _usable_id(line: int, item_id: Any) -> str:
+    """An id for the result of a line that cannot run: its own when it has a readable one."""
+    ident = _ident(item_id)
+    return ident if ident and _REPLACEMENT not in ident else f"line-{line}"
+
+
 def _check(line: int, item_id: Any, prompt: Any, context: Any) -> InputRecord | InvalidInput:
-    ident = str(item_id).strip() if item_id not in (None, "") else f"line-{line}"
-    if not isinstance(prompt, str) or not prompt.strip():
-        got = "missing" if prompt is None else f"empty ({prompt!r})"
+    ident = _ident(item_id)
+    if ident == "":
         return InvalidInput(
-            line, ident, f"line {line}: the prompt is {got}; give the line a non-empty 'prompt'."
+            line,
+            f"line-{line}",
+            f"line {line}: the id is blank ({item_id!r}); give the line a non-blank id, or "
+            f"remove the id field to use 'line-{line}'.",
         )
-    return InputRecord(line, ident, prompt, context)
+    ident = ident or f"line-{line}"
+    if prompt is None:
+        problem = "missing"
+    elif not isinstance(prompt, str):
+        return InvalidInput(
+            line,
+            ident,
+            f"line {line}: the prompt is not text (got {type(prompt).__name__}); give the line "
+            "a 'prompt' string (in JSON, in double quotes).",
+        )
+    elif not prompt.strip():
+        problem = f"empty ({prompt!r})"
+    else:
+        return InputRecord(line, ident, prompt, context)
+    return InvalidInput(
+        line, ident, f"line {line}: the prompt is {problem}; give the line a non-empty 'prompt'."
+    )
 
 
-def _jsonl(handle: IO[str]) -> Iterator[InputRecord | InvalidInput]:
-    for line, raw in enumerate(handle, start=1):
-        if not raw.strip():
+def _jsonl(lines: _Utf8Lines) -> Iterator[InputRecord | InvalidInput]:
+    for text in lines:
+        line = lines.line
+        bad_byte = lines.errors.pop(line, None)
+        if not text.strip():
             continue
         try:
-            data = json.loads(raw)
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if bad_byte is None:
+                yield InvalidInput(
+                    line,
+                    f"line-{line}",
+                    f"line {line}: not valid JSON ({exc.msg} at column {exc.colno}); fix the "
+                    "line or remove it.",
+                )
+                continue
+            data = None
+        if bad_byte is not None:
+            found = data if isinstance(data, dict) else {}
             yield InvalidInput(
                 line,
-                f"line-{line}",
-                f"line {line}: not valid JSON ({exc.msg} at column {exc.colno}); fix the line "
-                "or remove it.",
+                _usable_id(line, next((found[f] for f in _ID_FIELDS if f in found), None)),
+                f"line {line}: not valid UTF-8 ({bad_byte}); {_RESAVE}.",
             )
             continue
         if not isinstance(data, dict):
@@ -132,23 +223,42 @@ def _jsonl(handle: IO[str]) -> Iterator[InputRecord | InvalidInput]:
         yield _check(line, item_id, data.get("prompt"), context)
 
 
-def _csv(handle: IO[str]) -> Iterator[InputRecord | InvalidInput]:
-    reader = csv.DictReader(handle)
+def _csv(lines: _Utf8Lines) -> Iterator[InputRecord | InvalidInput]:
+    reader = csv.DictReader(lines)
     columns = reader.fieldnames or []
+    header_error = next(iter(lines.errors.values()), None)
+    lines.errors.clear()
     missing = "prompt" not in columns
     for row in reader:
-        line = reader.line_num
+        line = reader.line_num  # the row's last line: a quoted field may span several
         item_id = next((row.get(f) for f in _ID_FIELDS if f in columns), None)
-        if missing:
+        bad = min(lines.errors, default=None)  # only this row's lines were read since
+        bad_byte = lines.errors[bad] if bad is not None else None
+        lines.errors.clear()
+        if header_error is not None:
             yield InvalidInput(
                 line,
-                str(item_id or f"line-{line}"),
+                _usable_id(line, item_id),
+                f"line {line}: the CSV header (line 1) is not valid UTF-8 ({header_error}); "
+                f"{_RESAVE_CSV}.",
+            )
+        elif bad_byte is not None:
+            row_end = f" (in the CSV row that ends on line {line})" if bad != line else ""
+            yield InvalidInput(
+                line,
+                _usable_id(line, item_id),
+                f"line {bad}: not valid UTF-8 ({bad_byte}){row_end}; {_RESAVE_CSV}.",
+            )
+        elif missing:
+            yield InvalidInput(
+                line,
+                _usable_id(line, item_id),
                 f"line {line}: the CSV has no 'prompt' column (columns: {', '.join(columns)}); "
                 "rename the column holding the prompts to 'prompt'.",
             )
-            continue
-        rest = {k: v for k, v in row.items() if k not in (*_ID_FIELDS, "prompt") and k}
-        yield _check(line, item_id, row.get("prompt"), rest or None)
+        else:
+            rest = {k: v for k, v in row.items() if k not in (*_ID_FIELDS, "prompt") and k}
+            yield _check(line, item_id, row.get("prompt"), rest or None)
 
 
 class RejectedInput(LLMCallStrategy[None]):
@@ -170,45 +280,245 @@ class RejectedInput(LLMCallStrategy[None]):
         return f"rejected:{self.error}"
 
 
+#: Characters that some line splitters (`str.splitlines`, older JavaScript) treat as line
+#: breaks: escaped in results lines so that one result is always one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 def result_line(result: WorkItemResult[Any, Any]) -> str:
-    """One results-file line: id, success, output, error, category, tokens, attempts."""
-    output = result.output
-    if isinstance(output, BaseModel):
-        output = output.model_dump(mode="json")
+    """One results-file line (no newline), unicode as UTF-8 text, not `\\u` escapes.
+
+    Keys: id, success, output, error, category, tokens, attempts, context (the item's
+    context: the other JSONL fields or CSV columns, or null), and `cached: true` for an item
+    an earlier run completed.
+    """
     record = {
         "id": result.item_id,
         "success": result.success,
-        "output": output,
+        "output": _plain(result.output),
         "error": result.error,
         "category": result.error_category,
         "tokens": dict(result.token_usage),
         "attempts": result.attempts,
+        "context": _plain(result.context),
     }
     if result.metadata.get("cached_result"):
         record["cached"] = True
-    return json.dumps(record, default=str)
+    line = json.dumps(record, default=str, ensure_ascii=False).translate(_LINE_BREAKS)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (e.g. from a lossy decode): keep it escaped
+        line = json.dumps(record, default=str)
+    return line
+
+
+# -- where results go -------------------------------------------------------------------------
+
+
+def _location(path: str) -> tuple[str, str]:
+    """What identifies a file: its filesystem's protocol and its normalized path."""
+    fs, resolved = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        return "file", os.path.normcase(os.path.realpath(resolved))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return str(protocol), posixpath.normpath(resolved)
+
+
+def check_output_path(input: str, output: str) -> None:
+    """Refuse an output that is the input file itself, however either is spelled.
+
+    Local paths are compared after resolving `.`/`..`, symlinks and `file://` URLs (and by
+    inode when both exist); other fsspec URLs by protocol and normalized path.
+
+    Raises:
+        ValueError: `output` is the same file as `input`.
+    """
+    same = _location(input) == _location(output)
+    if not same:
+        try:
+            same = os.path.samefile(_local(input), _local(output))
+        except (OSError, ValueError):
+            same = False
+    if same:
+        suggestion = f"{PurePosixPath(input.split('?', 1)[0]).stem}.results.jsonl"
+        raise ValueError(
+            f"output={output!r} is the input file {input!r}: writing results there would "
+            f"replace your items. Pass another output=, e.g. {suggestion!r}, or leave it "
+            "unset for the default under results/."
+        )
+
+
+def _local(path: str) -> str:
+    fs, resolved = fsspec.core.url_to_fs(path)
+    if not isinstance(fs, LocalFileSystem):
+        raise ValueError(f"{path!r} is not a local path")
+    return str(resolved)
+
+
+class ResultsWriteError(OSError):
+    """The results file could not be written (disk full, no permission, ...).
+
+    `errno` is the cause's. The message names the destination, how many results were written
+    and the fix. Attributes: `destination`, `partial` (where the complete lines written so far
+    are) and `written` (how many).
+    """
+
+    destination: str
+    partial: str
+    written: int
+
+
+def _fix_for(code: int | None) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "Free disk space (or pass an output= on a disk with room)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "Make the output directory writable (or pass a writable output=)"
+    return "Fix the cause above (or pass another output=)"
 
 
 class ResultsWriter:
-    """Writes one JSONL line per result as soon as it is final (flushed per line)."""
+    """Writes one JSONL line per result, flushed as soon as it is final, never destroying data.
+
+    Lines go to `<path>.partial` beside the destination (same directory, same filesystem): it
+    is the live progress of the batch. The destination is replaced only by `commit()`, after
+    every item has its result: atomically with `os.replace` for local paths, with `fs.mv` for
+    other fsspec filesystems.
+
+    Contract, as a context manager:
+
+    - `commit()` replaces the destination with the partial file (once; a second call does
+      nothing). Leaving the `with` block without an exception also commits: finishing the
+      block means the batch completed.
+    - Leaving it with an exception (the batch failed or was cancelled) closes the partial
+      file and changes nothing else: a previous results file at the destination stays
+      exactly as it was, and the partial file is left for inspection. A killed process
+      leaves the same state.
+    - A write error raises `ResultsWriteError` (an `OSError`); the partial file is cut back
+      to its last complete line where the filesystem allows (local files), and nothing,
+      certainly no torn line, reaches the destination. Later `write()`/`commit()` calls raise
+      the same error.
+
+    Attributes:
+        path: The destination, as given.
+        partial_path: Where the lines are written until `commit()`.
+        lines: How many results were written.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file: Any = fsspec.open(path, "wt", encoding="utf-8", auto_mkdir=True)
-        self._handle: IO[str] | None = None
+        self.partial_path = f"{path}.partial"
+        self._fs, self._destination = fsspec.core.url_to_fs(path)
+        self._local = isinstance(self._fs, LocalFileSystem)
+        self._partial = f"{self._destination}.partial"
+        self._handle: Any = None
+        self._good_bytes = 0
+        self._failed: ResultsWriteError | None = None
+        self._committed = False
         self.lines = 0
 
     def __enter__(self) -> ResultsWriter:
-        self._handle = self._file.open()
+        try:
+            self._fs.makedirs(self._fs._parent(self._partial), exist_ok=True)
+            if self._local:
+                # Unbuffered: each line is one write, and a failed one can be cut back.
+                self._handle = open(self._partial, "wb", buffering=0)
+            else:
+                self._handle = self._fs.open(self._partial, "wb")
+        except OSError as exc:
+            raise self._error(exc, f"creating {self.partial_path!r}") from exc
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        elif self._handle is not None:
+            handle, self._handle = self._handle, None
+            with contextlib.suppress(Exception):  # the exception in flight is what matters
+                handle.close()
 
     def write(self, result: WorkItemResult[Any, Any]) -> None:
-        assert self._handle is not None, "use ResultsWriter as a context manager"
-        self._handle.write(result_line(result) + "\n")
-        self._handle.flush()
+        """Append one result line to the partial file and flush it."""
+        handle = self._open_handle()
+        data = (result_line(result) + "\n").encode("utf-8")
+        try:
+            if self._local:
+                view = memoryview(data)
+                while view:
+                    view = view[handle.write(view) :]
+            else:
+                handle.write(data)
+                handle.flush()
+        except OSError as exc:
+            self._abandon()
+            raise self._error(exc, f"writing to {self.partial_path!r}") from exc
+        self._good_bytes += len(data)
         self.lines += 1
+
+    def commit(self) -> None:
+        """Replace the destination with the results written: call it when the batch is done.
+
+        Raises:
+            ResultsWriteError: the partial file could not be completed or moved into place
+                (the destination is then unchanged).
+        """
+        if self._committed:
+            return
+        handle = self._open_handle()
+        self._handle = None
+        try:
+            if self._local:
+                os.fsync(handle.fileno())
+            handle.close()
+        except OSError as exc:
+            self._handle = handle
+            self._abandon()
+            raise self._error(exc, f"finishing {self.partial_path!r}") from exc
+        try:
+            if self._local:
+                os.replace(self._partial, self._destination)
+            else:
+                self._fs.mv(self._partial, self._destination)
+        except OSError as exc:
+            raise self._error(exc, f"moving {self.partial_path!r} over it") from exc
+        self._committed = True
+
+    def _open_handle(self) -> Any:
+        if self._failed is not None:
+            raise self._failed
+        if self._handle is None:
+            raise RuntimeError(
+                f"ResultsWriter({self.path!r}) is not open: use it as `with ResultsWriter(path) "
+                "as writer:` and write or commit inside the block, before it commits."
+            )
+        return self._handle
+
+    def _abandon(self) -> None:
+        """After a failed write: drop a torn last line (local files), close, stay failed."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        with contextlib.suppress(Exception):  # best effort: the write error is what matters
+            if self._local:
+                os.ftruncate(handle.fileno(), self._good_bytes)
+        with contextlib.suppress(Exception):
+            handle.close()
+
+    def _error(self, cause: OSError, doing: str) -> ResultsWriteError:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        message = (
+            f"Could not write the results file {self.path!r}: {reason} while {doing}, after "
+            f"{self.lines} results were written. {self.path!r} was not changed: a previous "
+            f"results file there is kept as it was; the {self.lines} results written so far "
+            f"are in {self.partial_path!r}. {_fix_for(cause.errno)}, then re-run the flow: "
+            "with result caching (the flow's default) completed items are not called again."
+        )
+        error = (
+            ResultsWriteError(cause.errno, message) if cause.errno else ResultsWriteError(message)
+        )
+        error.destination, error.partial, error.written = self.path, self.partial_path, self.lines
+        self._failed = error
+        return error
