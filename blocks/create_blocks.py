@@ -22,7 +22,6 @@ from pydantic import SecretStr
 
 from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiCredentials, GeminiStrategy
 from prefect_batch_llm.pydantic_ai import PydanticAIStrategy
-from prefect_batch_llm.testing import MockStrategy
 
 HANDBOOK = Path(__file__).resolve().parents[1] / "flows" / "data" / "handbook.txt"
 
@@ -34,7 +33,6 @@ def create_blocks(emulator_url: str | None = None) -> list[str]:
         GeminiStrategy,
         GeminiCachedStrategy,
         PydanticAIStrategy,
-        MockStrategy,
     ):
         block_type.register_type_and_schema()
     credentials = GeminiCredentials(

@@ -7,6 +7,7 @@ strategy once and cleans it up once; results account for every token billed.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from prefect_batch_llm._engine import ResultHandlerError
 from prefect_batch_llm.callable import CallableStrategy
 from prefect_batch_llm.config import ProcessorConfig, RetryConfig
 from prefect_batch_llm.errors import (
@@ -31,9 +32,15 @@ from prefect_batch_llm.gemini import (
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.processor import ParallelBatchProcessor, ProcessingStats
 from prefect_batch_llm.pydantic_ai import PydanticAIErrorClassifier, PydanticAIStrategy
-from prefect_batch_llm.results import BatchResult, ModelPricing, TokenUsage, WorkItemResult
+from prefect_batch_llm.results import (
+    BatchFailedError,
+    BatchOutcome,
+    BatchResult,
+    ModelPricing,
+    TokenUsage,
+    WorkItemResult,
+)
 from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, StrategyBlock
-from prefect_batch_llm.testing.mock import MockStrategy
 
 try:
     __version__ = version("prefect-batch-llm")
@@ -41,6 +48,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BatchFailedError",
+    "BatchOutcome",
     "BatchResult",
     "CacheExpiredError",
     "CallableStrategy",
@@ -56,7 +65,6 @@ __all__ = [
     "LLMCallError",
     "LLMCallStrategy",
     "LLMWorkItem",
-    "MockStrategy",
     "ModelPricing",
     "OutputValidationError",
     "ParallelBatchProcessor",
@@ -66,6 +74,7 @@ __all__ = [
     "PydanticAIErrorClassifier",
     "PydanticAIStrategy",
     "RateLimitError",
+    "ResultHandlerError",
     "RetryConfig",
     "RetryState",
     "StrategyBlock",

@@ -5,17 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
 from prefect.runtime import flow_run
+from pydantic import BeforeValidator, Field
 
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.files import (
     InvalidInput,
     RejectedInput,
     ResultsWriter,
+    check_output_path,
     count_items,
     input_exists,
     read_input,
@@ -23,13 +25,64 @@ from prefect_batch_llm.files import (
 from prefect_batch_llm.gemini.pricing import gemini_pricing
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.processor import ParallelBatchProcessor
-from prefect_batch_llm.results import ModelPricing
+from prefect_batch_llm.results import BatchFailedError, ModelPricing
 from prefect_batch_llm.strategy import LLMCallStrategy
 
-#: The settings a deployment starts from: resumable, reported under the `batch-llm` keys.
-DEFAULT_FLOW_CONFIG = ProcessorConfig(
-    max_workers=8, cache_results=True, keep_results=False, artifact_key="batch-llm"
-)
+#: Stored results of the deployable flow are reused for 12 hours: long enough to resume a
+#: crashed or killed run the same day, short enough that a nightly run recomputes.
+DEFAULT_RESULT_TTL_SECONDS = 12 * 3600.0
+#: The deployable flow fails a run when more than 5% of its items fail.
+DEFAULT_MAX_FAILED_FRACTION = 0.05
+
+
+class BatchFlowConfig(ProcessorConfig):
+    """`ProcessorConfig` with the deployable flow's defaults: resumable for 12 hours, a run
+    fails when more than 5% of its items fail, reported under the `batch-llm` artifact keys.
+
+    A partial `config` parameter (`--param config='{"max_workers": 4}'`) changes only the
+    fields it names; every other field keeps these defaults.
+    """
+
+    max_workers: int = Field(8, ge=1, le=4096, description="Items in flight at once.")
+    cache_results: bool = Field(
+        True,
+        description="Skip items an earlier run completed with the same prompt, context and "
+        "strategy settings (resume after a crash).",
+    )
+    result_ttl_seconds: float | None = Field(
+        DEFAULT_RESULT_TTL_SECONDS,
+        gt=0,
+        description="How long a stored result may be reused, in seconds (default 12 hours).",
+    )
+    max_failed_fraction: float = Field(
+        DEFAULT_MAX_FAILED_FRACTION,
+        ge=0.0,
+        le=1.0,
+        description="Fail the run when more than this fraction of items fail (default 0.05). "
+        "A run in which every item failed always fails.",
+    )
+    keep_results: bool = Field(
+        False, description="Keep every result in memory (off: totals only; results go to the file)."
+    )
+    artifact_key: str | None = Field(
+        "batch-llm",
+        pattern=r"^[a-z0-9-]+$",
+        description="Key prefix of the artifacts (lowercase letters, digits, dashes).",
+    )
+
+
+DEFAULT_FLOW_CONFIG = BatchFlowConfig()
+
+
+def _as_flow_config(value: Any) -> Any:
+    """A whole `ProcessorConfig` object is taken as it is (every field, its defaults too);
+    a mapping (CLI, UI, API) only overrides the flow's defaults for the fields it names."""
+    if isinstance(value, ProcessorConfig) and not isinstance(value, BatchFlowConfig):
+        return value.model_dump()
+    return value
+
+
+FlowConfig = Annotated[BatchFlowConfig, BeforeValidator(_as_flow_config)]
 
 
 async def load_strategy(name: str) -> LLMCallStrategy[Any]:
@@ -62,6 +115,7 @@ def _pricing_for(strategy: LLMCallStrategy[Any]) -> ModelPricing | None:
 
 
 def _work_items(path: str, strategy: LLMCallStrategy[Any]) -> Iterator[LLMWorkItem[Any, Any, Any]]:
+    """One work item per input line; an invalid line fails alone, without a call."""
     for record in read_input(path):
         if isinstance(record, InvalidInput):
             yield LLMWorkItem(record.item_id, RejectedInput(record.error), "")
@@ -79,7 +133,7 @@ async def batch_llm(
     input: str,
     strategy: str = "gemini-cached-strategy/handbook-qa",
     output: str | None = None,
-    config: ProcessorConfig = DEFAULT_FLOW_CONFIG,
+    config: FlowConfig = DEFAULT_FLOW_CONFIG,
     fresh: bool = False,
 ) -> dict[str, Any]:
     """Run every line of a JSONL or CSV file through a saved strategy block.
@@ -91,12 +145,18 @@ async def batch_llm(
         output: Where to write one JSONL result per item (id, success, output, error,
             category, tokens, attempts), as each finishes. Default:
             `results/<input>-<flow run>.results.jsonl`.
-        config: Processor settings. By default items completed by an earlier run with the
-            same prompt, context and strategy configuration are not called again.
+        config: Processor settings; fields not given keep the flow's defaults
+            (`BatchFlowConfig`): items completed by an earlier run within 12 hours with the
+            same prompt, context and strategy settings are not called again, and the run
+            fails when more than 5% of its items fail.
         fresh: Recompute every item even if an earlier run completed it.
 
     Returns:
         A compact summary: counts, tokens, cache hit rate, cost, duration, output path.
+
+    Raises:
+        BatchFailedError: after the results file and artifacts are complete, when more items
+            failed than `config.max_failed_fraction` allows, or every item failed.
     """
     logger = get_run_logger()
     if not input_exists(input):
@@ -104,20 +164,26 @@ async def batch_llm(
             f"Input file {input!r} not found. Pass input= a path or fsspec URL of a .jsonl or "
             ".csv file readable by the flow's process (nothing was sent to the LLM)."
         )
+    destination = output or _default_output(input)
+    check_output_path(input, destination)
+    total = count_items(input)
+    if total == 0:
+        raise BatchFailedError(
+            f"Input {input!r} has no items (no non-empty line). Nothing was sent to the LLM; "
+            "check the path and the file's contents."
+        )
     chosen = await load_strategy(strategy)
     if fresh:
         config = config.model_copy(update={"refresh_cache": True})
-    destination = output or _default_output(input)
+    pricing = _pricing_for(chosen)
     started = time.monotonic()
     with ResultsWriter(destination) as writer:
         processor: ParallelBatchProcessor[Any, Any, Any] = ParallelBatchProcessor(
-            config=config, on_result=writer.write, pricing=_pricing_for(chosen)
+            config=config, on_result=writer.write, pricing=pricing, destination=destination
         )
         async with processor:
-            batch = await processor.process_stream(
-                _work_items(input, chosen), total=count_items(input)
-            )
-    summary = batch.summary(_pricing_for(chosen))
+            batch = await processor.process_stream(_work_items(input, chosen), total=total)
+    summary = batch.summary(pricing)
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
     summary["output"] = destination
     logger.info(
@@ -127,4 +193,7 @@ async def batch_llm(
         batch.failed,
         destination,
     )
+    outcome = batch.outcome
+    if outcome.failed:
+        raise BatchFailedError(f"{outcome.message}; results in {destination}")
     return summary

@@ -8,6 +8,7 @@ attempt, and `cleanup()` once when the processor's context manager exits.
 from __future__ import annotations
 
 import inspect
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar, Generic, TypeVar
@@ -148,9 +149,33 @@ class StrategyBlock(Block, LLMCallStrategy[Any], ABC):
     _logo_url = HttpUrl(LOGO_URL)
     _documentation_url = HttpUrl(docs_page("concepts/strategies/"))
 
+    #: Fields that do not change an answer (lifetimes, renewal, clean-up): not fingerprinted.
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()
+
     def cache_fingerprint(self) -> str:
-        # Secrets render as "**********": an API key never reaches a cache key.
-        return f"{type(self).__module__}.{type(self).__qualname__}:{self.model_dump_json()}"
+        """Everything that determines an answer, and nothing that does not.
+
+        The saved fields, except `fingerprint_exclude` and nested blocks that are not
+        strategies (credentials: key, endpoint, timeouts, pool size never change an answer);
+        a nested strategy contributes its own fingerprint; `fingerprint_extras()` adds what
+        the fields only point at (e.g. the content of cached document files).
+        """
+        data: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            if name in self.fingerprint_exclude:
+                continue
+            value = getattr(self, name)
+            if isinstance(value, StrategyBlock):
+                data[name] = value.cache_fingerprint()
+            elif not isinstance(value, Block):
+                data[name] = self.model_dump(mode="json", include={name}).get(name)
+        data.update(self.fingerprint_extras())
+        canonical = json.dumps(data, sort_keys=True, default=repr)
+        return f"{type(self).__module__}.{type(self).__qualname__}:{canonical}"
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        """What the fields point at and that changes answers (override to add it)."""
+        return {}
 
 
 def accepts_state(strategy: LLMCallStrategy[Any]) -> bool:

@@ -37,8 +37,10 @@ async def test_rerun_after_sigkill_bills_only_the_items_not_completed(tmp_path):
             credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url)
         ).save("resume-test", overwrite=True)
 
+        output = tmp_path / "results.jsonl"
+        output.write_text('{"id": "yesterday"}\n')  # the previous run's results
         first = subprocess.Popen(
-            [*command, str(tmp_path / "first.jsonl")],
+            [*command, str(output)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -51,12 +53,14 @@ async def test_rerun_after_sigkill_bills_only_the_items_not_completed(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         billed_first = emulator.stats()["generate_calls"]
-        written_first = len((tmp_path / "first.jsonl").read_text().splitlines())
+        # The killed run leaves the previous results untouched and its progress beside them.
+        assert output.read_text() == '{"id": "yesterday"}\n'
+        written_first = len((tmp_path / "results.jsonl.partial").read_text().splitlines())
         assert 20 <= written_first < ITEMS
 
         emulator.reset()
         second = subprocess.run(
-            [*command, str(tmp_path / "second.jsonl")],
+            [*command, str(output)],
             env=env,
             capture_output=True,
             text=True,
@@ -65,7 +69,8 @@ async def test_rerun_after_sigkill_bills_only_the_items_not_completed(tmp_path):
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         billed_second = emulator.stats()["generate_calls"]
 
-    results = [json.loads(line) for line in (tmp_path / "second.jsonl").read_text().splitlines()]
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert not (tmp_path / "results.jsonl.partial").exists()
     assert len(results) == ITEMS and all(r["success"] for r in results)
     resumed = [r for r in results if r.get("cached")]
     # Every item the first run finished (and wrote) is served from its stored result...

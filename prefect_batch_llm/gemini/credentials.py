@@ -15,6 +15,7 @@ from pydantic import Field, HttpUrl, SecretStr
 
 from prefect_batch_llm._links import LOGO_URL, docs_page
 from prefect_batch_llm._secrets import register_secret
+from prefect_batch_llm.errors import PermanentError
 
 _ENV_KEYS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
@@ -26,6 +27,10 @@ _clients_without_loop: dict[str, genai.Client] = {}
 # How many prepared strategies use each client: the last release closes it. An async client
 # left to the garbage collector can close a socket whose descriptor a new connection reuses.
 _users: weakref.WeakKeyDictionary[genai.Client, int] = weakref.WeakKeyDictionary()
+
+
+class MissingAPIKeyError(PermanentError, ValueError):
+    """Neither the credentials block nor the environment has an API key."""
 
 
 class GeminiCredentials(Block):
@@ -80,7 +85,8 @@ client = gemini_credentials.get_client()
         """The key to send: the block's, else the environment's.
 
         Raises:
-            ValueError: when there is none, saying where to put one.
+            MissingAPIKeyError: (a `PermanentError` and a `ValueError`) when there is none,
+                saying where to put one; not retried.
         """
         if self.api_key is not None and self.api_key.get_secret_value():
             register_secret(self.api_key.get_secret_value())
@@ -90,7 +96,7 @@ client = gemini_credentials.get_client()
             if value:
                 register_secret(value)
                 return value
-        raise ValueError(
+        raise MissingAPIKeyError(
             "No Gemini API key: set GeminiCredentials(api_key=...) or the GEMINI_API_KEY "
             "environment variable of the process that runs the flow."
         )
