@@ -38,15 +38,19 @@ class Source:
                 assert self._async is not None
                 if self._pending is None:
                     self._pending = asyncio.ensure_future(anext(self._async))
-                # Shielded: a reader cancelled (batch timeout) leaves the read running for the
-                # next reader, instead of closing the generator and losing its other items.
+                # Shielded, and kept until consumed: a reader cancelled (batch timeout), even
+                # as the read completes, leaves the item to the next reader instead of losing
+                # it or closing the generator.
                 try:
                     item = await asyncio.shield(self._pending)
                 except StopAsyncIteration:
-                    self.exhausted = True
+                    self._pending, self.exhausted = None, True
                     return None
-                finally:
-                    if self._pending.done():
-                        self._pending = None
+                except asyncio.CancelledError:
+                    raise
+                except BaseException:
+                    self._pending = None
+                    raise
+                self._pending = None
         self.read += 1
         return self.read - 1, item
