@@ -248,7 +248,7 @@ class EmulatorApp:
 
         fault = state.pick_fault(call_number, prompt)
         if fault is not None:
-            early = await self._fault(fault, model, prompt_tokens, cached_tokens)
+            early = await self._fault(fault, model, prompt_tokens, cached_tokens, request)
             if early is not None:
                 return self._done(endpoint, model, early)
 
@@ -331,9 +331,16 @@ class EmulatorApp:
         return {"candidate": candidate, "output_tokens": output_tokens}
 
     async def _fault(
-        self, fault: Fault, model: str, prompt_tokens: int, cached_tokens: int
+        self,
+        fault: Fault,
+        model: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        request: Request | None = None,
     ) -> Response | None:
         kind = fault.kind
+        if kind in ("401", "403", "404"):
+            return self._auth_fault(kind, model, request)
         if kind == "429":
             delay = fault.retry_after
             return error(
@@ -394,6 +401,50 @@ class EmulatorApp:
             }
             return JSONResponse(body)
         return None  # invalid_output: handled while answering
+
+    @staticmethod
+    def _auth_fault(kind: str, model: str, request: Request | None) -> Response:
+        """401/403/404 as the hosted API sends them (its 403 quotes the caller's API key)."""
+        if kind == "401":
+            return error(
+                401,
+                "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+                "login cookie or other valid authentication credential. See "
+                "https://developers.google.com/identity/sign-in/web/devconsole-project.",
+            )
+        headers = request.headers if request is not None else {}
+        if kind == "403":
+            consumer = f"api_key:{headers.get('x-goog-api-key', '')}"
+            message = f"Permission denied: Consumer '{consumer}' has been suspended."
+            return error(
+                403,
+                message,
+                details=[
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "CONSUMER_SUSPENDED",
+                        "domain": "googleapis.com",
+                        "metadata": {
+                            "consumer": "projects/123456789012",
+                            "service": "generativelanguage.googleapis.com",
+                            "containerInfo": consumer,
+                        },
+                    },
+                    {
+                        "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                        "locale": "en-US",
+                        "message": message,
+                    },
+                ],
+            )
+        version = request.path_params.get("version", "v1beta") if request is not None else "v1beta"
+        name = model if model.startswith("models/") else f"models/{model}"
+        return error(
+            404,
+            f"{name} is not found for API version {version}, or is not supported for "
+            "generateContent. Call ListModels to see the list of available models and their "
+            "supported methods.",
+        )
 
     @staticmethod
     def _stream(

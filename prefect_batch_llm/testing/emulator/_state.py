@@ -28,6 +28,9 @@ FaultKind = Literal[
     "503",
     "504",
     "400",
+    "401",
+    "403",
+    "404",
     "slow",
     "drop",
     "safety",
@@ -48,6 +51,11 @@ class Fault(BaseModel):
     A fault applies to calls whose last user text contains `prompt_contains` (every call if
     None) and, if `on_calls` is given, only to those global call numbers (1-based). It fires
     at most `times` times (unlimited if None).
+
+    `401`, `403` and `404` answer with the hosted API's bodies: 401 UNAUTHENTICATED; 403
+    PERMISSION_DENIED "Consumer 'api_key:...' has been suspended", which, like the hosted
+    service, quotes the request's API key (in the message and the ErrorInfo metadata); 404
+    NOT_FOUND "models/... is not found for API version ...".
     """
 
     kind: FaultKind = Field(description="What the emulator does instead of answering.")
