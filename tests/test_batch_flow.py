@@ -84,11 +84,16 @@ async def test_csv_without_a_prompt_column_reports_every_row_with_the_fix(emulat
     source = tmp_path / "items.csv"
     source.write_text("id,question\n1,hello\n2,there\n")
     output = tmp_path / "results.jsonl"
-    summary = await batch_llm(
-        input=str(source), strategy="gemini-strategy/flow-test", output=str(output), config=CONFIG
+    state = await batch_llm(
+        input=str(source),
+        strategy="gemini-strategy/flow-test",
+        output=str(output),
+        config=CONFIG,
+        return_state=True,
     )
     results = read_results(output)
-    assert summary["failed"] == 2 and emulator.stats()["generate_calls"] == 0
+    assert state.is_failed() and "2 of 2 items failed (every item failed)" in state.message
+    assert emulator.stats()["generate_calls"] == 0
     assert "no 'prompt' column (columns: id, question)" in results["1"]["error"]
     assert "rename the column" in results["2"]["error"]
 

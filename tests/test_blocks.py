@@ -69,8 +69,12 @@ def test_prefect_block_register_cli_registers_every_strategy_block():
         timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "Mock LLM Strategy" in out.stdout
-    assert "LLM Strategy\n" not in out.stdout.replace("Mock LLM Strategy", "")
+    for name in ("Gemini Credentials", "Gemini Strategy", "Gemini Cached Strategy"):
+        assert name in out.stdout
+    assert "Pydantic AI Strategy" in out.stdout
+    # The test kit's MockStrategy is not a block type users are offered.
+    assert "Mock LLM Strategy" not in out.stdout
+    assert "LLM Strategy\n" not in out.stdout
 
 
 async def test_registered_block_type_is_visible_through_the_api():

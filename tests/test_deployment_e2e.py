@@ -6,6 +6,7 @@ emulator and a process worker; cleans up every process it started, also on failu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
 )
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from prefect_batch_llm.testing import GeminiEmulator
 
@@ -131,27 +133,48 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, 
         run([*PREFECT, "work-pool", "create", "local", "--type", "process"], env)
         run([*PREFECT, "--no-prompt", "deploy", "--all"], env)
         processes.start("worker", [*PREFECT, "worker", "start", "--pool", "local"], env)
-        started = run(
-            [
-                *PREFECT,
-                "deployment",
-                "run",
-                "batch-llm/file-batch",
-                "--param",
-                f"input={source}",
-                "--param",
-                f"output={output}",
-                "--watch",
-            ],
-            env,
-            timeout=300,
-        )
-        assert "Completed" in started
+
+        def deployment_run(*params: str) -> subprocess.CompletedProcess[str]:
+            args = [*PREFECT, "deployment", "run", "batch-llm/file-batch", "--watch"]
+            for param in params:
+                args += ["--param", param]
+            return subprocess.run(
+                args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+            )
+
+        # 1 bad line of 13 is 7.7%: more than the flow's default 5%, so the run ends Failed
+        # (after writing every result) and --watch exits 1.
+        first = deployment_run(f"input={source}", f"output={output}")
+        assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+        assert "prefect-batch-llm.batch.failed" in first.stdout
+        assert "Flow run finished in state 'Failed'" in first.stdout + first.stderr
         stats = emulator.stats()
+
+        # A partial config keeps the deployment's other defaults: resume stays on, so the
+        # 12 items the first run completed are not billed again.
+        again = deployment_run(
+            f"input={source}",
+            f"output={tmp_path / 'again.jsonl'}",
+            'config={"max_workers": 2, "max_failed_fraction": 0.1}',
+        )
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "prefect-batch-llm.batch.completed" in again.stdout
+        assert emulator.stats()["generate_calls"] == 12, "resume stayed on"
+
+        # A CSV without a prompt column: every item fails, the run ends Failed.
+        no_prompt = tmp_path / "no_prompt.csv"
+        no_prompt.write_text("id,question\na,why?\nb,how?\n")
+        failed = deployment_run(f"input={no_prompt}", f"output={tmp_path / 'failed.jsonl'}")
+        assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
 
     results = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(results) == 13
     assert sum(r["success"] for r in results) == 12
+    again_results = [
+        json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()
+    ]
+    assert sum(bool(r.get("cached")) for r in again_results) == 12
+    assert len((tmp_path / "failed.jsonl").read_text().splitlines()) == 2, "results written first"
     [bad] = [r for r in results if not r["success"]]
     assert bad["category"] == "invalid_input" and "line 6: not valid JSON" in bad["error"]
     assert stats["caches"]["created"] == 1, "one shared context cache for the whole batch"
@@ -167,10 +190,30 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, 
         nightly = next(d for d in deployments if d.name == "nightly")
         assert nightly.schedules and not nightly.schedules[0].active, "shipped paused"
 
-        [flow_run] = await client.read_flow_runs(
+        flow_runs = await client.read_flow_runs(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["file-batch"]))
         )
-        assert flow_run.state is not None and flow_run.state.is_completed()
+        by_input = {Path(r.parameters["input"]).name: r for r in flow_runs}
+        flow_run = next(r for r in flow_runs if r.parameters.get("output") == str(output))
+        failed_run = by_input["no_prompt.csv"]
+        assert failed_run.state is not None and failed_run.state.is_failed()
+        assert "2 of 2 items failed (every item failed): 2 invalid_input" in (
+            failed_run.state.message or ""
+        )
+        wanted = EventFilter(
+            event=EventNameFilter(prefix=["prefect-batch-llm.batch"]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{failed_run.id}"]),
+        )
+        waited = time.monotonic() + 30  # the server persists events in batches
+        while not (events := await client.read_events(filter=wanted, limit=50)).events:
+            assert time.monotonic() < waited, "the batch event never reached the server"
+            await asyncio.sleep(1)
+        assert [e.event for e in events.events] == ["prefect-batch-llm.batch.failed"]
+        assert events.events[0].payload["errors_by_category"] == {"invalid_input": 2}
+        assert flow_run.state is not None and flow_run.state.is_failed()
+        assert "1 of 13 items failed (7.7% > 5% allowed): 1 invalid_input" in (
+            flow_run.state.message or ""
+        )
         assert flow_run.parameters["input"] == str(source)
         task_runs = await client.read_task_runs()
         names = {t.name for t in task_runs if t.flow_run_id == flow_run.id}
@@ -180,7 +223,10 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, 
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
         )
     kinds = {a.type: a for a in artifacts}
-    assert set(kinds) == {"progress", "table", "markdown"}
+    # Besides ours, Prefect's own reference to the failed flow run's stored exception.
+    assert (
+        {"progress", "table", "markdown"} <= set(kinds) <= {"progress", "table", "markdown", None}
+    )
     assert kinds["progress"].data == 100.0
     assert "| Items | 13 |" in str(kinds["markdown"].data)
     assert "| Cache hit rate |" in str(kinds["markdown"].data)

@@ -306,3 +306,23 @@ def test_importing_the_package_loads_neither_the_emulator_nor_the_test_kit():
 
 def test_error_category_names_are_stable():
     assert ErrorCategory.ABORTED == "aborted"
+
+
+async def test_per_item_mode_does_not_grow_the_flow_run_context_with_the_batch():
+    from prefect import flow
+    from prefect.context import FlowRunContext
+
+    strategy = CountingStrategy()
+
+    @flow
+    async def big_batch() -> tuple[int, int, int]:
+        config = ProcessorConfig(max_workers=16, keep_results=False, report_artifacts=False)
+        async with ParallelBatchProcessor(config=config) as p:
+            result = await p.process_stream(work(strategy, 600))
+        context = FlowRunContext.get()
+        assert context is not None
+        return result.succeeded, len(context.run_results), len(context.task_run_assets)
+
+    succeeded, linked, assets = await big_batch()
+    assert succeeded == 600
+    assert (linked, assets) == (0, 0), "nothing is kept per finished item task run"

@@ -20,8 +20,10 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from uuid import UUID
 
 from prefect import Task
+from prefect.context import FlowRunContext
 
 from prefect_batch_llm._engine.attempts import ItemRun
 from prefect_batch_llm._engine.chunks import Chunk, chunk_task
@@ -47,6 +49,43 @@ class ResultHandlerError(RuntimeError):
         self.result = result
 
 
+class FinishedTaskRuns:
+    """Drops what the flow run context keeps per finished item task run.
+
+    Prefect's `FlowRunContext` links every task run's return value to its state
+    (`run_results`, for dependency tracking) and keeps its assets (`task_run_assets`), for the
+    flow run's whole life: about 2 KB per item. An item's output reaches the caller only
+    through its `WorkItemResult`, never as a task future, so nothing needs those links once
+    the item is done; they are dropped in batches, and per-item mode stays flat in memory.
+    """
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._ids: set[UUID] = set()
+
+    def add(self, task_run_id: UUID | None) -> None:
+        if task_run_id is not None:
+            self._ids.add(task_run_id)
+            if len(self._ids) >= self.BATCH:
+                self.prune()
+
+    def prune(self) -> None:
+        context = FlowRunContext.get()
+        ids, self._ids = self._ids, set()
+        if context is None or not ids:
+            return
+        for task_run_id in ids:
+            context.task_run_assets.pop(task_run_id, None)
+        stale = [
+            key
+            for key, (state, *_) in context.run_results.items()
+            if state.state_details.task_run_id in ids
+        ]
+        for key in stale:
+            del context.run_results[key]
+
+
 class BatchRun:
     """Runs one batch to exactly one delivered result per item read from the source."""
 
@@ -67,6 +106,7 @@ class BatchRun:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._kept: list[tuple[int, WorkItemResult[Any, Any]]] = []
         self._handler_error: BaseException | None = None
+        self._forget = FinishedTaskRuns()
         self._stopped: str | None = None
         # Undelivered results are bounded: a worker takes an item only when there is room.
         size = self.config.items_per_task
@@ -132,8 +172,7 @@ class BatchRun:
             index, run = taken
             self._hand_back(index, await self._run_item(run_item, run))
 
-    @staticmethod
-    async def _run_item(run_item: Task[..., Any], run: ItemRun) -> WorkItemResult[Any, Any]:
+    async def _run_item(self, run_item: Task[..., Any], run: ItemRun) -> WorkItemResult[Any, Any]:
         try:
             state = await run_item(run.item.item_id, run, return_state=True)
         except asyncio.CancelledError:
@@ -142,6 +181,7 @@ class BatchRun:
             return run.fail(
                 f"the item's task run crashed: {describe(exc)}", ErrorCategory.TRANSIENT
             )
+        self._forget.add(state.state_details.task_run_id)
         if state.is_completed() and not run.success and run.calls == 0:
             # An earlier run completed this item (cache_results): its stored output.
             return run.cached(await state.aresult())
@@ -221,6 +261,7 @@ class BatchRun:
             raise
         finally:
             stats.finished_at = time.monotonic()
+            self._forget.prune()
         self._kept.sort(key=lambda pair: pair[0])
         batch: BatchResult[Any, Any] = BatchResult(
             results=[result for _, result in self._kept], totals=stats.results
