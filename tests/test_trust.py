@@ -244,3 +244,55 @@ async def test_failed_items_write_nothing_to_result_storage(emulator, tmp_path):
     assert len(new) == 3, f"only the 3 successes are stored, found {len(new)}"
     for path in new:
         assert b"good" in path.read_bytes() or b"Answer" in path.read_bytes() or path.stat().st_size
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 16 KiB tmpfs, so the results file hits a real ENOSPC mid-run (needs root)."""
+    import os
+    import subprocess
+
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs for a real ENOSPC needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_a_full_disk_ends_the_run_clearly_and_keeps_the_previous_results(
+    emulator, tmp_path, tiny_disk
+):
+    await GeminiStrategy(
+        credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url)
+    ).save("full-disk", overwrite=True)
+    tag = uuid.uuid4().hex[:8]
+    source = write_items(tmp_path / "items.jsonl", [f"{tag} question {i}" for i in range(150)])
+    output = tiny_disk / "results.jsonl"
+    output.write_text('{"id": "last night"}\n')
+    state = await batch_llm(
+        input=str(source),
+        strategy="gemini-strategy/full-disk",
+        output=str(output),
+        config=FAST,
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "No space left on device" in state.message and "items were accounted" in state.message
+    assert output.read_text() == '{"id": "last night"}\n', "the previous results are untouched"
+    partial = (tiny_disk / "results.jsonl.partial").read_text(encoding="utf-8")
+    assert partial.endswith("\n") and all(json.loads(line) for line in partial.splitlines())
+    billed = emulator.stats()["generate_calls"]
+    assert billed < 150, "no new item started once the disk was full"
+    (event,) = await events_for(state.state_details.flow_run_id)
+    assert event.event == "prefect-batch-llm.batch.failed"
+    assert event.payload["succeeded"] == billed, "every billed item is accounted"
