@@ -162,6 +162,7 @@ def markdown_report(batch: BatchResult[Any, Any], pricing: ModelPricing | None) 
         "",
         "| | |",
         "|---|---|",
+        f"| Outcome | {summary['outcome']}: {summary['outcome_message']} |",
         f"| Items | {summary['total_items']} |",
         f"| Succeeded | {summary['succeeded']} |",
         f"| Failed | {summary['failed']} |",

@@ -229,7 +229,6 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         try:
             batch = await batch_run.run()
         except ResultHandlerError as error:
-            error.result.max_failed_fraction = 1.0
             await self._conclude(report, error.result, aborted=str(error))
             raise
         batch.max_failed_fraction = config.max_failed_fraction

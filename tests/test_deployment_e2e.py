@@ -229,6 +229,9 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, 
     )
     assert kinds["progress"].data == 100.0
     assert "| Items | 13 |" in str(kinds["markdown"].data)
+    assert "| Outcome | failed: 1 of 13 items failed (7.7% > 5% allowed)" in str(
+        kinds["markdown"].data
+    )
     assert "| Cache hit rate |" in str(kinds["markdown"].data)
     table = kinds["table"].data
     rows = json.loads(table) if isinstance(table, str) else table
