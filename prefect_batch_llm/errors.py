@@ -282,9 +282,27 @@ class DefaultErrorClassifier:
     In order: an [`LLMCallError`][prefect_batch_llm.LLMCallError] says its own category; timeouts
     are `timeout`; pydantic/JSON validation errors are `validation`; an HTTP status found on the
     error (or a wrapped one) is classified by `classify_http_status()`; connection errors are
-    `transient`; programming errors (`TypeError`, `KeyError`, ...) are `permanent`; anything
-    else is `transient`.
+    `transient`; programming errors (`TypeError`, `KeyError`, ...) are `permanent`. Then, for
+    errors that carry no status attribute at all, Gemini's documented error text is read (see
+    `classify_text()`): code ported from batch-llm often re-raises a google-genai error as a
+    plain `Exception(str(error))`. Anything else is `transient`.
     """
+
+    #: The `code STATUS` pairs Gemini documents (google.rpc codes), with which the text of a
+    #: google-genai `APIError` starts: `429 RESOURCE_EXHAUSTED. {'error': {...}}`.
+    GEMINI_STATUS_CODES = {
+        "INVALID_ARGUMENT": 400,
+        "FAILED_PRECONDITION": 400,
+        "UNAUTHENTICATED": 401,
+        "PERMISSION_DENIED": 403,
+        "NOT_FOUND": 404,
+        "RESOURCE_EXHAUSTED": 429,
+        "INTERNAL": 500,
+        "UNAVAILABLE": 503,
+        "DEADLINE_EXCEEDED": 504,
+    }
+    #: How Gemini names a context cache in its error messages.
+    _CACHE_WORDS = ("cachedcontent", "cached content", "cache content", "cached_content")
 
     def classify(self, exception: BaseException) -> ErrorInfo:
         for link in exception_chain(exception):
@@ -308,7 +326,66 @@ class DefaultErrorClassifier:
                 message=f"{type(exception).__name__} looks like a bug in the strategy; "
                 "not retried.",
             )
+        for link in exception_chain(exception):
+            info = self.classify_text(link)
+            if info is not None:
+                return info
         return info_for_category(ErrorCategory.TRANSIENT)
+
+    def classify_text(self, exception: BaseException) -> ErrorInfo | None:
+        """Classify one exception by Gemini's documented error text, or None.
+
+        Only for an exception that carries no status attribute (`status`, `status_code`,
+        `code`): an error that says its status is classified by it, never by its words. The
+        text must start with one of Gemini's `code STATUS` pairs
+        (`GEMINI_STATUS_CODES`), as `str()` of a google-genai `APIError` does:
+
+        - `429 RESOURCE_EXHAUSTED`: `rate_limit`, waiting the body's `retryDelay` if present;
+        - `400 INVALID_ARGUMENT ... Cache content X is expired.`: `cache_expired`;
+        - `403 PERMISSION_DENIED` / `404 NOT_FOUND` about the cached content (a cache deleted
+          on the server): `cache_expired`, the cached strategy re-creates it;
+        - any other code as `classify_http_status()` (401/403 permanent with a key hint,
+          5xx transient, other 4xx permanent).
+        """
+        if any(
+            getattr(exception, attr, None) is not None for attr in ("status", "status_code", "code")
+        ):
+            return None
+        text = str(exception)
+        head = text.lstrip().split(None, 2)
+        if len(head) < 2 or not head[0].isdigit():
+            return None
+        code = int(head[0])
+        if self.GEMINI_STATUS_CODES.get(head[1].rstrip(".:,"), -1) != code:
+            return None
+        lowered = text.lower()
+        about_cache = any(word in lowered for word in self._CACHE_WORDS)
+        if code == 400 and about_cache and "is expired" in lowered:
+            return info_for_category(ErrorCategory.CACHE_EXPIRED)
+        if (
+            code in (403, 404)
+            and about_cache
+            and ("not found" in lowered or "permission denied" in lowered)
+        ):
+            return info_for_category(
+                ErrorCategory.CACHE_EXPIRED,
+                message="the context cache is gone on the server; the strategy re-creates it",
+            )
+        return classify_http_status(code, retry_after=self._retry_delay_in(text))
+
+    @staticmethod
+    def _retry_delay_in(text: str) -> float | None:
+        """The `retryDelay` of a RetryInfo quoted in an error's text (`'retryDelay': '17s'`)."""
+        at = text.find("retryDelay")
+        if at < 0:
+            return None
+        rest = text[at + len("retryDelay") :].lstrip("'\": ")
+        number = ""
+        for char in rest:
+            if not (char.isdigit() or char == "."):
+                break
+            number += char
+        return parse_retry_after(number) if number else None
 
 
 def describe(exc: BaseException, *, limit: int = 500) -> str:

@@ -6,16 +6,19 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from google.genai import errors as genai_errors
 from google.genai import types
 from pydantic import Field, HttpUrl, PrivateAttr, model_validator
 
 from prefect_batch_llm._links import docs_page
+from prefect_batch_llm._unknown_args import GEMINI_CACHE_HINTS, GEMINI_HINTS
 from prefect_batch_llm.errors import PermanentError
 from prefect_batch_llm.gemini.errors import is_cache_expired
 from prefect_batch_llm.gemini.strategy import GeminiStrategy
@@ -25,6 +28,62 @@ logger = logging.getLogger("prefect_batch_llm")
 
 _PREFIX = "pbl"
 _STATE_KEY = "gemini_cache_name"
+
+
+#: A cache, as this process knows it: (endpoint, `cachedContents/...` name).
+CacheKey = tuple[str, str]
+
+
+class _CacheUsers:
+    """How many prepared strategy instances of this process use each cache.
+
+    With `delete_cache_on_cleanup=True`, a strategy that cleans up while others of this
+    process still use its cache leaves the deletion to the last of them. Other processes
+    cannot be seen: a run there whose cache is deleted re-creates it on its next call.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._uses: Counter[CacheKey] = Counter()
+        self._delete_when_unused: set[CacheKey] = set()
+
+    def move(self, old: CacheKey | None, new: CacheKey | None, uses: int) -> None:
+        """`uses` uses go from `old` to `new` (either may be None: no cache)."""
+        if uses <= 0 or old == new:
+            return
+        with self._lock:
+            if old is not None:
+                self._uses[old] -= uses
+                if self._uses[old] <= 0:
+                    del self._uses[old]
+            if new is not None:
+                self._uses[new] += uses
+
+    def release(self, key: CacheKey | None, uses: int, *, delete: bool) -> tuple[bool, int]:
+        """Drop `uses` uses of `key`. Returns (delete it now, uses left by others): the last
+        user deletes if it asked to or an earlier user did; otherwise a deletion asked for
+        is remembered for the last one."""
+        if key is None:
+            return False, 0
+        with self._lock:
+            self._uses[key] -= uses
+            left = self._uses[key]
+            if left > 0:
+                if delete:
+                    self._delete_when_unused.add(key)
+                return False, left
+            del self._uses[key]
+            asked = key in self._delete_when_unused
+            self._delete_when_unused.discard(key)
+            return delete or asked, 0
+
+    def deleted(self, key: CacheKey) -> None:
+        """The cache was deleted: no deletion is pending any more."""
+        with self._lock:
+            self._delete_when_unused.discard(key)
+
+
+_cache_users = _CacheUsers()
 
 
 def display_name(fingerprint: str, tags: dict[str, str]) -> str:
@@ -54,10 +113,15 @@ class GeminiCachedStrategy(GeminiStrategy):
       create at once, both converge on the oldest cache and the other is deleted.
     - Before each call, a cache expiring within `cache_renewal_buffer_seconds` is renewed
       (one PATCH under a lock, however many workers), or re-created if it is gone.
-    - A "cache expired" error from the server is recovered once and the item retried without
-      using up an attempt.
+    - A cache that expired or is gone on the server (400 "Cache content X is expired"; 403/404
+      "CachedContent not found" after a deletion by hand, by another run or in a restart) is
+      found or re-created once, however many workers saw it, and their items are retried
+      without using up an attempt.
     - `cleanup()` keeps the cache for later runs within its TTL; `delete_cache()` deletes it;
-      `delete_cache_on_cleanup=True` does so at the end of the batch (one-off jobs).
+      `delete_cache_on_cleanup=True` does so at the end of the batch (one-off jobs), unless
+      another strategy instance of this process still uses the cache: then the last of them
+      deletes it. Runs in other processes are not known; one whose cache is deleted
+      re-creates it.
 
     Example:
         ```python
@@ -77,6 +141,8 @@ from prefect_batch_llm.gemini import GeminiCachedStrategy
 gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
 ```
 """
+
+    _argument_hints: ClassVar[Mapping[str, str]] = {**GEMINI_HINTS, **GEMINI_CACHE_HINTS}
 
     cached_documents: list[str] = Field(
         default_factory=list, description="Context documents (text) to cache."
@@ -108,6 +174,8 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
     _fingerprint: str = PrivateAttr(default="")
     _uncached: bool = PrivateAttr(default=False)
     _clock: Callable[[], float] = PrivateAttr(default=time.time)
+    _uses: int = PrivateAttr(default=0)
+    _used_key: CacheKey | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_cache_settings(self) -> GeminiCachedStrategy:
@@ -168,6 +236,9 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
     def _adopt(self, cache: types.CachedContent) -> None:
         self._cache_name = cache.name
         self._expires_at = cache.expire_time.timestamp() if cache.expire_time else None
+        key = (self.credentials.endpoint(), cache.name) if cache.name else None
+        _cache_users.move(self._used_key, key, self._uses)
+        self._used_key = key
 
     def _lock_for_cache(self) -> asyncio.Lock:
         if self._lock is None:
@@ -290,11 +361,14 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
         self._fingerprint = self._compute_fingerprint()
         async with self._lock_for_cache():
             await self._find_or_create()
+            # Counted per prepare(): an instance shared by two processors is two uses.
+            self._uses += 1
+            _cache_users.move(None, self._used_key, 1)
 
     async def fresh_cache_name(self, state: RetryState | None = None) -> str | None:
         """The cache to call with now: found or created on first use, renewed when it expires
         within the buffer. None when calls fall back to uncached. Records the name in `state`
-        so `on_error()` knows which cache an expired-cache error was about."""
+        so `on_error()` knows which cache an expired or lost cache error was about."""
         if self._uncached:
             return None
         if self._cache_name is None:
@@ -335,13 +409,27 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
         async with self._lock_for_cache():
             if failed is not None and failed != self._cache_name:
                 return  # another worker already replaced it
-            logger.warning("Gemini cache %s expired on the server; recovering", failed)
+            logger.warning(
+                "Gemini cache %s expired or is gone on the server; finding or creating it again",
+                failed,
+            )
             self._cache_name = self._expires_at = None
             await self._find_or_create()
 
     async def cleanup(self) -> None:
-        if self.delete_cache_on_cleanup:
+        uses, self._uses = min(self._uses, 1), max(0, self._uses - 1)
+        delete, others = _cache_users.release(
+            self._used_key, uses, delete=self.delete_cache_on_cleanup
+        )
+        if delete:
             await self.delete_cache()
+        elif self.delete_cache_on_cleanup and others:
+            logger.info(
+                "Not deleting Gemini cache %s yet: %d other user(s) in this process; the last "
+                "one deletes it",
+                self._cache_name,
+                others,
+            )
         elif self._cache_name is not None:
             logger.info(
                 "Leaving Gemini cache %s for reuse (expires in %.0fs)",
@@ -351,9 +439,14 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
         await super().cleanup()
 
     async def delete_cache(self) -> None:
-        """Delete the cache now (one API call, however many concurrent callers)."""
+        """Delete the cache now (one API call, however many concurrent callers).
+
+        Unconditional: other strategy instances still using the cache re-create it on their
+        next call. `delete_cache_on_cleanup=True` is the polite form: it waits for the last
+        user of this process."""
         async with self._lock_for_cache():
             name, self._cache_name, self._expires_at = self._cache_name, None, None
             if name is not None:
                 await self._delete_quietly(name)
+                _cache_users.deleted((self.credentials.endpoint(), name))
                 logger.info("Deleted Gemini cache %s", name)
