@@ -177,6 +177,32 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
     _uses: int = PrivateAttr(default=0)
     _used_key: CacheKey | None = PrivateAttr(default=None)
 
+    #: Lifetimes, renewal, tags and clean-up never change an answer; the document paths are
+    #: replaced by their content (`fingerprint_extras`), so an edited file is a new answer.
+    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset(
+        {
+            "cache_ttl_seconds",
+            "cache_renewal_buffer_seconds",
+            "cache_tags",
+            "auto_renew",
+            "delete_cache_on_cleanup",
+            "fallback_to_uncached",
+            "cached_document_paths",
+        }
+    )
+
+    def fingerprint_extras(self) -> dict[str, Any]:
+        """The SHA-256 of every cached document file's content (read now, where the flow runs)."""
+        digests: list[str] = []
+        for raw in self.cached_document_paths:
+            try:
+                content = Path(raw).expanduser().read_bytes()
+            except OSError as exc:
+                digests.append(f"unreadable {raw}: {exc.strerror or exc}")
+                continue
+            digests.append(hashlib.sha256(content).hexdigest())
+        return {"cached_document_content_sha256": digests}
+
     @model_validator(mode="after")
     def _check_cache_settings(self) -> GeminiCachedStrategy:
         if self.cache_renewal_buffer_seconds >= self.cache_ttl_seconds:
