@@ -6,9 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,85 +18,19 @@ from pydantic import Field, HttpUrl, PrivateAttr, model_validator
 from prefect_batch_llm._links import docs_page
 from prefect_batch_llm._unknown_args import GEMINI_CACHE_HINTS, GEMINI_HINTS
 from prefect_batch_llm.errors import PermanentError
+from prefect_batch_llm.gemini._caches import (
+    CacheKey,
+    cache_users,
+    display_name,
+    parse_display_name,
+)
 from prefect_batch_llm.gemini.errors import is_cache_expired
 from prefect_batch_llm.gemini.strategy import GeminiStrategy
 from prefect_batch_llm.strategy import ExecuteResult, RetryState
 
 logger = logging.getLogger("prefect_batch_llm")
 
-_PREFIX = "pbl"
 _STATE_KEY = "gemini_cache_name"
-
-
-#: A cache, as this process knows it: (endpoint, `cachedContents/...` name).
-CacheKey = tuple[str, str]
-
-
-class _CacheUsers:
-    """How many prepared strategy instances of this process use each cache.
-
-    With `delete_cache_on_cleanup=True`, a strategy that cleans up while others of this
-    process still use its cache leaves the deletion to the last of them. Other processes
-    cannot be seen: a run there whose cache is deleted re-creates it on its next call.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._uses: Counter[CacheKey] = Counter()
-        self._delete_when_unused: set[CacheKey] = set()
-
-    def move(self, old: CacheKey | None, new: CacheKey | None, uses: int) -> None:
-        """`uses` uses go from `old` to `new` (either may be None: no cache)."""
-        if uses <= 0 or old == new:
-            return
-        with self._lock:
-            if old is not None:
-                self._uses[old] -= uses
-                if self._uses[old] <= 0:
-                    del self._uses[old]
-            if new is not None:
-                self._uses[new] += uses
-
-    def release(self, key: CacheKey | None, uses: int, *, delete: bool) -> tuple[bool, int]:
-        """Drop `uses` uses of `key`. Returns (delete it now, uses left by others): the last
-        user deletes if it asked to or an earlier user did; otherwise a deletion asked for
-        is remembered for the last one."""
-        if key is None:
-            return False, 0
-        with self._lock:
-            self._uses[key] -= uses
-            left = self._uses[key]
-            if left > 0:
-                if delete:
-                    self._delete_when_unused.add(key)
-                return False, left
-            del self._uses[key]
-            asked = key in self._delete_when_unused
-            self._delete_when_unused.discard(key)
-            return delete or asked, 0
-
-    def deleted(self, key: CacheKey) -> None:
-        """The cache was deleted: no deletion is pending any more."""
-        with self._lock:
-            self._delete_when_unused.discard(key)
-
-
-_cache_users = _CacheUsers()
-
-
-def display_name(fingerprint: str, tags: dict[str, str]) -> str:
-    """What identifies our caches: the Developer API has no labels, only a displayName."""
-    parts = [f"{_PREFIX}:{fingerprint}", *(f"{k}={v}" for k, v in sorted(tags.items()))]
-    return ";".join(parts)
-
-
-def parse_display_name(name: str | None) -> tuple[str, dict[str, str]] | None:
-    """(fingerprint, tags) of one of our caches, or None for a foreign cache."""
-    if not name or not name.startswith(f"{_PREFIX}:"):
-        return None
-    head, *rest = name.split(";")
-    tags = dict(item.split("=", 1) for item in rest if "=" in item)
-    return head.removeprefix(f"{_PREFIX}:"), tags
 
 
 class GeminiCachedStrategy(GeminiStrategy):
@@ -263,7 +195,7 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
         self._cache_name = cache.name
         self._expires_at = cache.expire_time.timestamp() if cache.expire_time else None
         key = (self.credentials.endpoint(), cache.name) if cache.name else None
-        _cache_users.move(self._used_key, key, self._uses)
+        cache_users.move(self._used_key, key, self._uses)
         self._used_key = key
 
     def _lock_for_cache(self) -> asyncio.Lock:
@@ -389,7 +321,7 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
             await self._find_or_create()
             # Counted per prepare(): an instance shared by two processors is two uses.
             self._uses += 1
-            _cache_users.move(None, self._used_key, 1)
+            cache_users.move(None, self._used_key, 1)
 
     async def fresh_cache_name(self, state: RetryState | None = None) -> str | None:
         """The cache to call with now: found or created on first use, renewed when it expires
@@ -444,7 +376,7 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
 
     async def cleanup(self) -> None:
         uses, self._uses = min(self._uses, 1), max(0, self._uses - 1)
-        delete, others = _cache_users.release(
+        delete, others = cache_users.release(
             self._used_key, uses, delete=self.delete_cache_on_cleanup
         )
         if delete:
@@ -474,5 +406,5 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
             name, self._cache_name, self._expires_at = self._cache_name, None, None
             if name is not None:
                 await self._delete_quietly(name)
-                _cache_users.deleted((self.credentials.endpoint(), name))
+                cache_users.deleted((self.credentials.endpoint(), name))
                 logger.info("Deleted Gemini cache %s", name)
