@@ -7,9 +7,11 @@ checks the run completed and wrote one result per question.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -57,17 +59,19 @@ def test_readme_deploy_steps_work_as_written(tmp_path):
     try:
         # Output to a file, not a pipe: the block's background jobs would hold a pipe open.
         with log.open("w") as sink:
-            done = subprocess.run(
+            shell = subprocess.Popen(
                 ["bash", "-c", script],
                 cwd=REPO,
                 env=env,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
-                timeout=600,
                 start_new_session=True,
             )
+            returncode = shell.wait(timeout=600)
     finally:
-        # Whatever happened, leave no server behind (the stop block may not have run).
+        # Whatever happened, leave nothing behind (the stop block may not have run).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
         subprocess.run(
             ["bash", "-c", ". .venv/bin/activate && prefect server stop"],
             cwd=REPO,
@@ -76,7 +80,7 @@ def test_readme_deploy_steps_work_as_written(tmp_path):
             timeout=60,
         )
     output = log.read_text()
-    assert done.returncode == 0, output[-4000:]
+    assert returncode == 0, output[-4000:]
     assert "Flow run finished successfully in 'Completed'" in output
     written = set((REPO / "results").glob("questions-*.results.jsonl")) - before
     assert len(written) == 1, written
