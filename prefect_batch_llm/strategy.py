@@ -10,13 +10,14 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from prefect.blocks.core import Block
-from pydantic import HttpUrl
+from pydantic import HttpUrl, model_validator
 
 from prefect_batch_llm._links import LOGO_URL, docs_page
+from prefect_batch_llm._unknown_args import check_arguments, lenient_arguments, passed_options
 from prefect_batch_llm.errors import ErrorClassifier
 from prefect_batch_llm.results import TokenUsage
 
@@ -148,6 +149,37 @@ class StrategyBlock(Block, LLMCallStrategy[Any], ABC):
     _block_type_name = "LLM Strategy"
     _logo_url = HttpUrl(LOGO_URL)
     _documentation_url = HttpUrl(docs_page("concepts/strategies/"))
+
+    #: What to use instead of arguments the block does not have (ported code's names).
+    _argument_hints: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_arguments(cls, values: Any) -> Any:
+        return check_arguments(cls, values, cls._argument_hints)
+
+    @classmethod
+    def model_validate(
+        cls,
+        obj: Any,
+        *,
+        strict: bool | None = None,
+        extra: Literal["allow", "ignore", "forbid"] | None = None,
+        from_attributes: bool | None = None,
+        context: Any | None = None,
+        by_alias: bool | None = None,
+        by_name: bool | None = None,
+    ) -> Self:
+        """Validate saved data, as `Block.load()` does: a key this class does not have (a
+        document saved by another version) is dropped with a warning, not refused."""
+        with lenient_arguments():
+            return super().model_validate(
+                obj,
+                strict=strict,
+                from_attributes=from_attributes,
+                context=context,
+                **passed_options(extra=extra, by_alias=by_alias, by_name=by_name),
+            )
 
     #: Fields that do not change an answer (lifetimes, renewal, clean-up): not fingerprinted.
     fingerprint_exclude: ClassVar[frozenset[str]] = frozenset()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pydantic
 import pytest
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL
@@ -83,3 +84,11 @@ async def test_registered_block_type_is_visible_through_the_api():
         block_type = await client.read_block_type_by_slug("mock-llm-strategy")
     assert block_type.documentation_url and "testing" in str(block_type.documentation_url)
     assert block_type.code_example and 'MockStrategy.load("BLOCK_NAME")' in block_type.code_example
+
+
+def test_every_strategy_block_refuses_unknown_arguments_with_the_closest_field():
+    with pytest.raises(pydantic.ValidationError) as raised:
+        MockStrategy(lattency=0.1)
+    assert "lattency" in str(raised.value) and "latency" in str(raised.value).replace(
+        "lattency", ""
+    )

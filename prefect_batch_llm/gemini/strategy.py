@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar
 
 from google import genai
 from google.genai import types
-from pydantic import Field, HttpUrl, PrivateAttr, model_validator
+from pydantic import Field, HttpUrl, PrivateAttr
 
 from prefect_batch_llm._links import LOGO_URL, docs_page
 from prefect_batch_llm._unknown_args import (
     GEMINI_HINTS,
     GEMINI_UNCACHED_HINTS,
-    check_arguments,
-    lenient_arguments,
-    passed_options,
 )
 from prefect_batch_llm.errors import ErrorClassifier, OutputValidationError
 from prefect_batch_llm.gemini.credentials import GeminiCredentials
@@ -120,34 +117,6 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
     _client: genai.Client | None = PrivateAttr(default=None)
     _request_config: types.GenerateContentConfig | None = PrivateAttr(default=None)
     _config_built: bool = PrivateAttr(default=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_arguments(cls, values: Any) -> Any:
-        return check_arguments(cls, values, cls._argument_hints)
-
-    @classmethod
-    def model_validate(
-        cls,
-        obj: Any,
-        *,
-        strict: bool | None = None,
-        extra: Literal["allow", "ignore", "forbid"] | None = None,
-        from_attributes: bool | None = None,
-        context: Any | None = None,
-        by_alias: bool | None = None,
-        by_name: bool | None = None,
-    ) -> Self:
-        """Validate saved data, as `Block.load()` does: a key this class does not have (a
-        document saved by another version) is dropped with a warning, not refused."""
-        with lenient_arguments():
-            return super().model_validate(
-                obj,
-                strict=strict,
-                from_attributes=from_attributes,
-                context=context,
-                **passed_options(extra=extra, by_alias=by_alias, by_name=by_name),
-            )
 
     async def prepare(self) -> None:
         self._client = self.credentials.acquire_client()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Self, cast
+from typing import Any, ClassVar, Literal, cast
 
 from prefect.client.orchestration import PrefectClient
 from pydantic import Field, HttpUrl, PrivateAttr, model_validator
@@ -17,9 +17,6 @@ from pydantic_ai.usage import RunUsage
 from prefect_batch_llm._links import LOGO_URL, docs_page
 from prefect_batch_llm._unknown_args import (
     PYDANTIC_AI_HINTS,
-    check_arguments,
-    lenient_arguments,
-    passed_options,
 )
 from prefect_batch_llm.errors import ErrorClassifier, OutputValidationError
 from prefect_batch_llm.gemini.cached import GeminiCachedStrategy
@@ -139,34 +136,6 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
     _live_agent: Agent[Any, Any] | None = PrivateAttr(default=None)
     _agents: dict[str, Agent[Any, Any]] = PrivateAttr(default_factory=dict)
     _acquired: int = PrivateAttr(default=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_arguments(cls, values: Any) -> Any:
-        return check_arguments(cls, values, cls._argument_hints)
-
-    @classmethod
-    def model_validate(
-        cls,
-        obj: Any,
-        *,
-        strict: bool | None = None,
-        extra: Literal["allow", "ignore", "forbid"] | None = None,
-        from_attributes: bool | None = None,
-        context: Any | None = None,
-        by_alias: bool | None = None,
-        by_name: bool | None = None,
-    ) -> Self:
-        """Validate saved data, as `Block.load()` does: a key this class does not have (a
-        document saved by another version) is dropped with a warning, not refused."""
-        with lenient_arguments():
-            return super().model_validate(
-                obj,
-                strict=strict,
-                from_attributes=from_attributes,
-                context=context,
-                **passed_options(extra=extra, by_alias=by_alias, by_name=by_name),
-            )
 
     @model_validator(mode="after")
     def _check_cache_use(self) -> PydanticAIStrategy:
