@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -74,3 +78,24 @@ class City(BaseModel):
 
     name: str
     population: int
+
+
+def mounted_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` at `mount_point` for the duration of a fixture, so writes fail
+    with a real ENOSPC; skips the test where mounting is not allowed (needs root)."""
+    import pytest
+
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs for a real ENOSPC needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 import fsspec
 import pytest
+from helpers import mounted_tmpfs
 
 from prefect_batch_llm import files
 from prefect_batch_llm.files import InputRecord, InvalidInput, count_items, read_input
@@ -348,21 +348,7 @@ def test_killed_run_keeps_previous_results(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A real 64 KiB tmpfs, so writes fail with a real ENOSPC (needs root and mount)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tiny tmpfs for a real ENOSPC needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    yield from mounted_tmpfs(tmp_path / "tiny", "64k")
 
 
 def test_disk_full_raises_results_write_error_and_keeps_destination(tiny_disk):

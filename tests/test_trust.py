@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import mounted_tmpfs
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_HOME
@@ -248,25 +249,8 @@ async def test_failed_items_write_nothing_to_result_storage(emulator, tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A real 16 KiB tmpfs, so the results file hits a real ENOSPC mid-run (needs root)."""
-    import os
-    import subprocess
-
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tiny tmpfs for a real ENOSPC needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    """A real 16 KiB tmpfs, so writes fail with a real ENOSPC (needs root and mount)."""
+    yield from mounted_tmpfs(tmp_path / "tiny", "16k")
 
 
 async def test_a_full_disk_ends_the_run_clearly_and_keeps_the_previous_results(
