@@ -14,7 +14,6 @@ import pytest
 from helpers import CountingStrategy, ScriptedStrategy
 
 from prefect_batch_llm import (
-    ErrorCategory,
     ErrorInfo,
     LLMWorkItem,
     ParallelBatchProcessor,
@@ -302,10 +301,6 @@ def test_importing_the_package_loads_neither_the_emulator_nor_the_test_kit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] False", out.stdout + out.stderr
-
-
-def test_error_category_names_are_stable():
-    assert ErrorCategory.ABORTED == "aborted"
 
 
 async def test_per_item_mode_does_not_grow_the_flow_run_context_with_the_batch():

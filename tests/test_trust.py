@@ -243,8 +243,6 @@ async def test_failed_items_write_nothing_to_result_storage(emulator, tmp_path):
     assert by_category.count("permanent") == 4 and by_category.count("transient") == 4
     new = stored_results() - before
     assert len(new) == 3, f"only the 3 successes are stored, found {len(new)}"
-    for path in new:
-        assert b"good" in path.read_bytes() or b"Answer" in path.read_bytes() or path.stat().st_size
 
 
 @pytest.fixture

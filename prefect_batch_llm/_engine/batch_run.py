@@ -209,7 +209,9 @@ class BatchRun:
                 if index in self.taken:
                     self._hand_back(
                         index,
-                        run.fail(f"the item's chunk task failed: {reason}", "transient"),
+                        run.fail(
+                            f"the item's chunk task failed: {reason}", ErrorCategory.TRANSIENT
+                        ),
                     )
 
     # -- delivering results ----------------------------------------------------------------

@@ -92,14 +92,13 @@ class StrategyLifecycle:
                     info = classifier.classify(exc)
                 except Exception:
                     info = None
-                if info is None or info.error_category == ErrorCategory.CACHE_EXPIRED:
-                    decision = None
-                else:
+                decision = None
+                if info is not None:
                     decision = decide(
                         info, used, self.retry, now=self._clock(), deadline=None, rng=self._rng
                     )
                 if decision is None or not decision.retry:
-                    why = decision.reason if decision is not None else "not classifiable"
+                    why = decision.reason if decision is not None else "the classifier raised"
                     raise StrategyPrepareError(
                         f"{name}.prepare() failed: {error} ({why})"
                     ) from None
