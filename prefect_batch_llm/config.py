@@ -43,7 +43,7 @@ class RetryConfig(BaseModel):
 
 
 class ProcessorConfig(BaseModel):
-    """Settings of a [`ParallelBatchProcessor`][prefect_batch_llm.ParallelBatchProcessor]."""
+    """Settings of a `ParallelBatchProcessor`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -104,6 +104,14 @@ class ProcessorConfig(BaseModel):
     )
     progress_bar: bool | None = Field(
         None, description="Show a terminal progress bar (default: when stderr is a terminal)."
+    )
+    report_failed_first: bool = Field(
+        False, description="List failed items first in the results artifact (else input order)."
+    )
+    quiet_item_logs: bool = Field(
+        False,
+        description="Keep the run's logs to batch-level lines, retries and failures: drop the "
+        "item task runs' INFO lines (one 'Finished in state Completed()' per item).",
     )
 
     @model_validator(mode="after")
