@@ -105,6 +105,26 @@ class ProcessorConfig(BaseModel):
     progress_bar: bool | None = Field(
         None, description="Show a terminal progress bar (default: when stderr is a terminal)."
     )
+    # Prometheus metrics of the batch (prefect_batch_llm.metrics); every one is off by default.
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve the batch's Prometheus metrics at http://<host>:<port>/metrics "
+        "while it runs (for a Prometheus scrape).",
+    )
+    metrics_textfile: str | None = Field(
+        None,
+        pattern=r"\.prom$",
+        description="Write the batch's Prometheus metrics to this .prom file (node_exporter's "
+        "textfile collector directory), every 15 seconds and at the end.",
+    )
+    metrics_pushgateway: str | None = Field(
+        None,
+        description="Push the batch's Prometheus metrics to this Pushgateway "
+        "(e.g. http://pushgateway:9091; job prefect-batch-llm, grouped by flow_run_id), every "
+        "15 seconds and at the end.",
+    )
     report_failed_first: bool = Field(
         False, description="List failed items first in the results artifact (else input order)."
     )
