@@ -91,6 +91,21 @@ class ProcessorConfig(BaseModel):
         description="Largest fraction of items (0.0 to 1.0) that may fail before the batch "
         "counts as failed. A batch in which every item failed always counts as failed.",
     )
+    # -- budget cap (docs/guides/cost.md) --
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Budget cap in US dollars: no new item starts once the spend so far, the "
+        "projected cost of the items in flight and of the next item would exceed it; items "
+        "not started fail with category budget_exceeded (needs the processor's pricing).",
+    )
+    expected_cost_per_item_usd: float | None = Field(
+        None,
+        ge=0,
+        description="With max_cost_usd: the cost of one item to assume until the first item "
+        "finishes (e.g. a cost preview's cost_per_item_usd). Empty: items start one at a time "
+        "until the first finishes, then the mean cost of finished items is used.",
+    )
     keep_results: bool = Field(
         True, description="Keep every result in BatchResult.results (off: totals only)."
     )
