@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -9,8 +11,9 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import BeforeValidator, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.files import (
@@ -22,9 +25,11 @@ from prefect_batch_llm.files import (
     input_exists,
     read_input,
 )
+from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiStrategy
 from prefect_batch_llm.gemini.pricing import gemini_pricing
 from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.processor import ParallelBatchProcessor
+from prefect_batch_llm.pydantic_ai import PydanticAIStrategy
 from prefect_batch_llm.results import BatchFailedError, ModelPricing
 from prefect_batch_llm.strategy import LLMCallStrategy
 
@@ -37,7 +42,8 @@ DEFAULT_MAX_FAILED_FRACTION = 0.05
 
 class BatchFlowConfig(ProcessorConfig):
     """`ProcessorConfig` with the deployable flow's defaults: resumable for 12 hours, a run
-    fails when more than 5% of its items fail, reported under the `batch-llm` artifact keys.
+    fails when more than 5% of its items fail, artifacts keyed per deployment, and the run's
+    logs kept to batch-level lines, retries and failures.
 
     A partial `config` parameter (`--param config='{"max_workers": 4}'`) changes only the
     fields it names; every other field keeps these defaults.
@@ -61,14 +67,21 @@ class BatchFlowConfig(ProcessorConfig):
         description="Fail the run when more than this fraction of items fail (default 0.05). "
         "A run in which every item failed always fails.",
     )
-    keep_results: bool = Field(
-        False, description="Keep every result in memory (off: totals only; results go to the file)."
-    )
     artifact_key: str | None = Field(
-        "batch-llm",
+        None,
         pattern=r"^[a-z0-9-]+$",
-        description="Key prefix of the artifacts (lowercase letters, digits, dashes).",
+        description="Key prefix of the artifacts (lowercase letters, digits, dashes). Empty: "
+        "batch-llm-<deployment>, or batch-llm-<input file name> outside a deployment, so "
+        "each deployment has its own artifact timeline.",
     )
+    quiet_item_logs: bool = Field(
+        True,
+        description="Keep the run's logs to batch-level lines, retries and failures (off: "
+        "also one 'Finished in state Completed()' line per item).",
+    )
+    # Library settings with no use in a deployment: not in the run form.
+    keep_results: SkipJsonSchema[bool] = False
+    progress_bar: SkipJsonSchema[bool | None] = None
 
 
 DEFAULT_FLOW_CONFIG = BatchFlowConfig()
@@ -83,6 +96,11 @@ def _as_flow_config(value: Any) -> Any:
 
 
 FlowConfig = Annotated[BatchFlowConfig, BeforeValidator(_as_flow_config)]
+
+
+#: The strategy parameter: a block picker in the run form (one per strategy block type),
+#: or `block-type-slug/block-name` from the CLI and the API (any strategy block type).
+StrategyParameter = GeminiCachedStrategy | GeminiStrategy | PydanticAIStrategy | str
 
 
 async def load_strategy(name: str) -> LLMCallStrategy[Any]:
@@ -105,6 +123,26 @@ async def load_strategy(name: str) -> LLMCallStrategy[Any]:
             "block such as a gemini-strategy or gemini-cached-strategy document."
         )
     return block
+
+
+async def _chosen_strategy(strategy: StrategyParameter) -> tuple[LLMCallStrategy[Any], str]:
+    """The strategy to run and how the report names it (`slug/name` of its block document)."""
+    if isinstance(strategy, str):
+        return await load_strategy(strategy), strategy
+    name = getattr(strategy, "_block_document_name", None) or "(unsaved block)"
+    return strategy, f"{strategy.get_block_type_slug()}/{name}"
+
+
+def _artifact_key_for(input: str) -> str:
+    """`batch-llm-<deployment name>`, or `batch-llm-<input file name>` outside a deployment."""
+    name = deployment.name or PurePosixPath(input.split("?", 1)[0]).stem
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60].strip("-")
+    return f"batch-llm-{slug}" if slug else "batch-llm"
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute (where the flow runs); URLs are kept as they are."""
+    return location if "://" in location else os.path.abspath(location)
 
 
 def _pricing_for(strategy: LLMCallStrategy[Any]) -> ModelPricing | None:
@@ -131,7 +169,7 @@ def _default_output(path: str) -> str:
 @flow(name="batch-llm")
 async def batch_llm(
     input: str,
-    strategy: str = "gemini-cached-strategy/handbook-qa",
+    strategy: StrategyParameter = "gemini-cached-strategy/handbook-qa",
     output: str | None = None,
     config: FlowConfig = DEFAULT_FLOW_CONFIG,
     fresh: bool = False,
@@ -141,7 +179,8 @@ async def batch_llm(
     Args:
         input: Path or fsspec URL of the items: a `.jsonl` file of `{"id", "prompt", ...}`
             objects or a `.csv` file with a `prompt` column. Read line by line.
-        strategy: The strategy block document, as `block-type-slug/block-name`.
+        strategy: The saved strategy block: pick one in the form, or name it as
+            `block-type-slug/block-name` (e.g. `gemini-cached-strategy/handbook-qa`).
         output: Where to write one JSONL result per item (id, success, output, error,
             category, tokens, attempts), as each finishes. Default:
             `results/<input>-<flow run>.results.jsonl`.
@@ -172,14 +211,27 @@ async def batch_llm(
             f"Input {input!r} has no items (no non-empty line). Nothing was sent to the LLM; "
             "check the path and the file's contents."
         )
-    chosen = await load_strategy(strategy)
+    chosen, strategy_name = await _chosen_strategy(strategy)
+    updates: dict[str, Any] = {"artifact_key": config.artifact_key or _artifact_key_for(input)}
     if fresh:
-        config = config.model_copy(update={"refresh_cache": True})
+        updates["refresh_cache"] = True
+    config = config.model_copy(update=updates)
     pricing = _pricing_for(chosen)
+    where = _absolute(destination)
+    details = {
+        "Input": _absolute(input),
+        "Strategy": strategy_name,
+        "Model": str(getattr(chosen, "model", None) or type(chosen).__name__),
+        "Output": where,
+    }
     started = time.monotonic()
     with ResultsWriter(destination) as writer:
         processor: ParallelBatchProcessor[Any, Any, Any] = ParallelBatchProcessor(
-            config=config, on_result=writer.write, pricing=pricing, destination=destination
+            config=config,
+            on_result=writer.write,
+            pricing=pricing,
+            destination=where,
+            report_details=details,
         )
         async with processor:
             batch = await processor.process_stream(_work_items(input, chosen), total=total)
@@ -191,9 +243,9 @@ async def batch_llm(
         batch.total_items,
         batch.succeeded,
         batch.failed,
-        destination,
+        where,
     )
     outcome = batch.outcome
     if outcome.failed:
-        raise BatchFailedError(f"{outcome.message}; results in {destination}")
+        raise BatchFailedError(f"{outcome.message}; results in {where}")
     return summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Generic, Self, TypedDict, TypeVar, cast
 
@@ -20,7 +20,7 @@ from prefect_batch_llm._engine import (
     StrategyLifecycle,
 )
 from prefect_batch_llm._events import emit_batch_event
-from prefect_batch_llm._reporting import BatchReport
+from prefect_batch_llm._reporting import BatchReport, quiet_item_logs
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import ErrorClassifier
 from prefect_batch_llm.items import LLMWorkItem
@@ -80,6 +80,9 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             and `process_all()` raises `ResultHandlerError` (its `result` holds the totals).
         pricing: Prices for the cost line of the batch report artifact.
         destination: Where the caller writes the results (shown in the report and event).
+        report_details: Rows at the top of the report artifact, e.g. `{"Input": path,
+            "Strategy": "gemini-cached-strategy/handbook-qa", "Model": "gemini-2.5-flash"}`.
+            `destination`, if given, is shown as the `Output` row unless one is given here.
     """
 
     def __init__(
@@ -90,9 +93,13 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         on_result: Callable[[WorkItemResult[Any, Any]], Awaitable[None] | None] | None = None,
         pricing: ModelPricing | None = None,
         destination: str | None = None,
+        report_details: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config or ProcessorConfig()
         self._destination = destination
+        self._report_details = dict(report_details or {})
+        if destination is not None:
+            self._report_details.setdefault("Output", destination)
         self._classifier = error_classifier
         self._on_result = on_result
         self._pricing = pricing
@@ -224,10 +231,13 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             progress_bar=config.progress_bar,
             key=config.artifact_key,
             pricing=self._pricing,
+            details=self._report_details,
+            failed_first=config.report_failed_first,
         )
         batch_run = BatchRun(source, runtime, report, self._on_result)
         try:
-            batch = await batch_run.run()
+            with quiet_item_logs(config.quiet_item_logs):
+                batch = await batch_run.run()
         except ResultHandlerError as error:
             await self._conclude(report, error.result, aborted=str(error))
             raise

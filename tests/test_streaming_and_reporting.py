@@ -7,13 +7,9 @@ import json
 from pathlib import Path
 
 from helpers import CountingStrategy, ScriptedStrategy
-from prefect import flow, get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.context import get_run_context
 
 from prefect_batch_llm import (
     LLMWorkItem,
-    ModelPricing,
     ParallelBatchProcessor,
     PermanentError,
     ProcessorConfig,
@@ -83,39 +79,6 @@ async def test_on_result_sees_every_result_as_it_finishes_and_totals_need_no_res
     assert (result.total_items, result.succeeded, result.failed) == (10, 9, 1)
     assert result.total_input_tokens == 900 and result.errors_by_category() == {"permanent": 1}
     assert sorted(json.loads(line)["id"] for line in written) == sorted(f"i{i}" for i in range(10))
-
-
-async def test_a_batch_in_a_flow_reports_progress_table_and_markdown_artifacts():
-    strategy = ScriptedStrategy({"p2": [PermanentError("400 bad request")]})
-
-    @flow
-    async def reported() -> str:
-        config = ProcessorConfig(max_workers=2, artifact_key="unit-batch")
-        pricing = ModelPricing(input_per_million=0.3, output_per_million=2.5)
-        async with ParallelBatchProcessor(config=config, pricing=pricing) as processor:
-            await processor.process_stream(items(strategy, 6), total=6)
-        return str(get_run_context().flow_run.id)  # type: ignore[union-attr]
-
-    flow_run_id = await reported()
-    async with get_client() as client:
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    by_type = {a.type: a for a in artifacts}
-    assert set(by_type) == {"progress", "table", "markdown"}
-    assert by_type["progress"].data == 100.0
-    table = by_type["table"].data
-    rows = json.loads(table) if isinstance(table, str) else table
-    assert rows[0]["id"] == "i2" and rows[0]["category"] == "permanent", "failures first"
-    assert len(rows) == 6
-    report = str(by_type["markdown"].data)
-    assert "| Items | 6 |" in report and "| Failed | 1 |" in report
-    assert "Estimated cost" in report and "| permanent | 1 |" in report
-    assert {a.key for a in artifacts} == {
-        "unit-batch-progress",
-        "unit-batch-results",
-        "unit-batch-report",
-    }
 
 
 async def test_cached_results_skip_completed_items_and_recompute_changed_ones(tmp_path: Path):

@@ -16,6 +16,10 @@ import time
 from collections import Counter
 from typing import Any
 
+from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
 from prefect_batch_llm._engine.decision import Used, decide
 from prefect_batch_llm._engine.lifecycle import StrategyPrepareError
 from prefect_batch_llm._engine.runtime import BatchRuntime
@@ -39,20 +43,44 @@ from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, unpack_execu
 
 logger = logging.getLogger("prefect_batch_llm")
 
+#: Retries that do not use up an attempt: repeated within the same Prefect task run.
+_IN_PLACE_BUDGETS = frozenset({"rate_limit", "cache"})
+#: Characters of a prompt shown in its task run's state and the report.
+PROMPT_EXCERPT = 80
+
+
+def prompt_excerpt(item: LLMWorkItem[Any, Any, Any], limit: int = PROMPT_EXCERPT) -> str:
+    """The prompt on one line, cut to `limit` characters (`…` when cut)."""
+    text = " ".join(str(item.prompt)[: limit * 4].split())
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The task run's logger (its lines reach the Prefect UI), else this package's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
 
 class ItemAttemptFailed(Exception):
     """A failed attempt as Prefect sees it: scrubbed text and the retry decision.
 
     It is what the item's task run raises, so it is all Prefect logs, shows in the task
     run's state and could persist: never the provider's exception object.
+
+    `in_place` retries (rate limits, a renewed cache) do not use up one of the item's
+    `max_attempts`: the item task repeats them within the same Prefect run, so the retries
+    Prefect counts and shows are exactly the attempts the retry policy allows.
     """
 
-    def __init__(self, message: str, retry: bool = False) -> None:
+    def __init__(self, message: str, retry: bool = False, in_place: bool = False) -> None:
         super().__init__(message)
         self.retry = retry
+        self.in_place = in_place
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.args[0], self.retry))
+        return (type(self), (self.args[0], self.retry, self.in_place))
 
 
 class ItemRun:
@@ -74,6 +102,7 @@ class ItemRun:
         self.metadata: dict[str, Any] = {}
         self.error: str | None = None
         self.error_category: str | None = None
+        self.task_run_id: str | None = None
 
     @property
     def attempt_number(self) -> int:
@@ -90,6 +119,9 @@ class ItemRun:
             self.started = now
             if config.total_timeout_per_item is not None:
                 self.deadline = now + config.total_timeout_per_item
+            context = TaskRunContext.get()
+            if context is not None:
+                self.task_run_id = str(context.task_run.id)
         try:
             if self.not_before > now:
                 await asyncio.sleep(self.not_before - now)
@@ -222,17 +254,34 @@ class ItemRun:
             self.not_before = now + decision.wait
             runtime.stats.retries += 1
             self.retries_by_category[category] += 1
-            explanation = f"{decision.reason} after {category}, waiting {decision.wait:.1f} s"
+            explanation = f"retry: {decision.reason}, waiting {decision.wait:.1f} s"
         else:
             explanation = f"final: {decision.reason}"
-        logger.log(
-            logging.INFO if decision.retry else logging.WARNING,
-            "Item %r: %s; %s",
+        # In the task run's logs (the Prefect UI): why the call failed, what happens next.
+        _run_logger().warning(
+            "Item %r, call %d: %s: %s; %s",
             self.item.item_id,
+            self.calls,
+            category,
             error,
             explanation,
         )
-        return ItemAttemptFailed(f"{category}: {error} [{explanation}]", retry=decision.retry)
+        return ItemAttemptFailed(
+            f"{category}: {error} [{explanation}]",
+            retry=decision.retry,
+            in_place=decision.budget in _IN_PLACE_BUDGETS,
+        )
+
+    # -- what the task run shows -----------------------------------------------------------
+
+    def facts(self) -> str:
+        """Calls, tokens and the prompt's start, on one line (the task run's state message)."""
+        usage = self.usage
+        return (
+            f"{self.calls} call(s) · tokens in {usage.get('input_tokens', 0):,} "
+            f"(cached {usage.get('cached_input_tokens', 0):,}) / "
+            f"out {usage.get('output_tokens', 0):,} · prompt: {prompt_excerpt(self.item)}"
+        )
 
     # -- the item's one result -------------------------------------------------------------
 

@@ -160,17 +160,19 @@ class BatchRun:
         self._seen_ids.add(item.item_id)
         return None
 
-    def _hand_back(self, index: int, result: WorkItemResult[Any, Any]) -> None:
+    def _hand_back(
+        self, index: int, result: WorkItemResult[Any, Any], task_run_id: str | None = None
+    ) -> None:
         """A final result: off the taken set and into the inbox (never blocks)."""
         self.taken.pop(index, None)
-        self._inbox.put_nowait((index, result))
+        self._inbox.put_nowait((index, result, task_run_id))
 
     # -- executing them --------------------------------------------------------------------
 
     async def _item_worker(self, run_item: Task[..., Any]) -> None:
         while (taken := await self._take()) is not None:
             index, run = taken
-            self._hand_back(index, await self._run_item(run_item, run))
+            self._hand_back(index, await self._run_item(run_item, run), run.task_run_id)
 
     async def _run_item(self, run_item: Task[..., Any], run: ItemRun) -> WorkItemResult[Any, Any]:
         try:
@@ -181,7 +183,10 @@ class BatchRun:
             return run.fail(
                 f"the item's task run crashed: {describe(exc)}", ErrorCategory.TRANSIENT
             )
-        self._forget.add(state.state_details.task_run_id)
+        task_run_id = state.state_details.task_run_id
+        self._forget.add(task_run_id)
+        if task_run_id is not None:
+            run.task_run_id = str(task_run_id)
         if state.is_completed() and not run.success and run.calls == 0:
             # An earlier run completed this item (cache_results): its stored output.
             return run.cached(await state.aresult())
@@ -212,23 +217,26 @@ class BatchRun:
                         run.fail(
                             f"the item's chunk task failed: {reason}", ErrorCategory.TRANSIENT
                         ),
+                        run.task_run_id,
                     )
 
     # -- delivering results ----------------------------------------------------------------
 
     async def _deliver_all(self) -> None:
         while (entry := await self._inbox.get()) is not _DONE:
-            index, result = entry
+            index, result, task_run_id = entry
             try:
-                await self._deliver(index, result)
+                await self._deliver(index, result, task_run_id)
             finally:
                 self._room.release()
 
-    async def _deliver(self, index: int, result: WorkItemResult[Any, Any]) -> None:
+    async def _deliver(
+        self, index: int, result: WorkItemResult[Any, Any], task_run_id: str | None
+    ) -> None:
         self.runtime.stats.results.add(result)
         if self.config.keep_results:
             self._kept.append((index, result))
-        await self.report.on_result(result)
+        await self.report.on_result(index, result, task_run_id)
         if self.on_result is None or self._handler_error is not None:
             return
         try:
@@ -313,7 +321,7 @@ class BatchRun:
         if self._stopped is None:
             return
         for index, run in sorted(self.taken.items()):
-            self._hand_back(index, run.fail(self._stopped, self._stop_category()))
+            self._hand_back(index, run.fail(self._stopped, self._stop_category()), run.task_run_id)
 
     async def _drain_source(self) -> None:
         """Items never taken (after a timeout or an abort) get their failed result too."""

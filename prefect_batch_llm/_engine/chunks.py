@@ -20,7 +20,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect_batch_llm._engine.attempts import ItemRun
 from prefect_batch_llm.results import WorkItemResult
 
-HandBack = Callable[[int, WorkItemResult[Any, Any]], None]
+#: Gives the batch an item's final result and the task run that produced it.
+HandBack = Callable[[int, WorkItemResult[Any, Any], str | None], None]
 
 
 class Chunk:
@@ -43,7 +44,7 @@ class Chunk:
         async with self.slots:
             result = await run.run_to_completion()
         self.finished.add(index)
-        self.hand_back(index, result)
+        self.hand_back(index, result, run.task_run_id)
 
 
 async def _llm_chunk(chunk_name: str, chunk: Chunk) -> int:

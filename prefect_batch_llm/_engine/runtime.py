@@ -14,6 +14,8 @@ from prefect_batch_llm.results import ResultTotals, TokenUsage
 from prefect_batch_llm.strategy import LLMCallStrategy, accepts_state
 
 _DEFAULT_CLASSIFIER = DefaultErrorClassifier()
+#: Failed items of one batch that get a markdown artifact on their task run.
+FAILED_ITEM_ARTIFACTS = 100
 
 
 @dataclass
@@ -60,6 +62,7 @@ class BatchRuntime:
         self._limiters: dict[str, RateLimiter] = {}
         self._accepts_state: dict[type, bool] = {}
         self._fingerprints: dict[int, str] = {}
+        self._failure_artifacts_left = FAILED_ITEM_ARTIFACTS
 
     def limiter_for(self, strategy: LLMCallStrategy[Any]) -> RateLimiter:
         scope = strategy.rate_limit_scope()
@@ -79,6 +82,13 @@ class BatchRuntime:
         if kind not in self._accepts_state:
             self._accepts_state[kind] = accepts_state(strategy)
         return self._accepts_state[kind]
+
+    def take_failure_artifact(self) -> bool:
+        """Whether one more failed item of this batch gets an artifact (a bounded number)."""
+        if self._failure_artifacts_left <= 0:
+            return False
+        self._failure_artifacts_left -= 1
+        return True
 
     def fingerprint_for(self, strategy: LLMCallStrategy[Any]) -> str:
         """The strategy's answer fingerprint, taken once per batch before its first item runs
