@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypedDict, TypeVar, cast
@@ -121,6 +122,123 @@ class WorkItemResult(Generic[TOutput, TContext]):
     duration: float = 0.0
 
 
+class LatencyHistogram:
+    """Call latencies in fixed logarithmic buckets: constant memory, percentiles within 4.5%.
+
+    The buckets are those of Prometheus native histograms, schema 3: bucket `i` holds the
+    latencies in `(2**((i-1)/8), 2**(i/8)]` seconds, eight per doubling, from 2**-14 s
+    (61 µs; smaller values share one bucket) to 2**13 s (2.3 hours; larger values share one
+    bucket). That is `BUCKETS` (218) integers however many calls are recorded: a million
+    calls take the same memory as one. The exact minimum, maximum, count and sum are kept too.
+
+    A percentile is taken by nearest rank (`percentile(0.95)` is the value of rank
+    `ceil(0.95 * count)` in sorted order) and estimated as the geometric middle of its bucket,
+    clamped to the observed minimum and maximum: within 2**(1/16) - 1 = 4.4% of the exact
+    value for latencies between 61 µs and 2.3 hours, exact for the lowest and highest rank.
+    """
+
+    PER_DOUBLING = 8
+    LOWEST = -14 * PER_DOUBLING  # bucket index of 2**-14 s
+    HIGHEST = 13 * PER_DOUBLING  # bucket index of 2**13 s
+    BUCKETS = HIGHEST - LOWEST + 2  # the range, plus one bucket above it
+
+    __slots__ = ("_counts", "count", "maximum", "minimum", "sum")
+
+    def __init__(self) -> None:
+        self._counts = [0] * self.BUCKETS
+        self.count = 0
+        self.sum = 0.0
+        self.minimum = math.inf
+        self.maximum = 0.0
+
+    @classmethod
+    def upper_bound(cls, position: int) -> float:
+        """The upper bound, in seconds, of the bucket at `position` (inf for the last)."""
+        if position >= cls.BUCKETS - 1:
+            return math.inf
+        return float(2.0 ** ((position + cls.LOWEST) / cls.PER_DOUBLING))
+
+    @classmethod
+    def position(cls, seconds: float) -> int:
+        """The bucket that holds `seconds`."""
+        if seconds <= 0:
+            return 0
+        index = math.ceil(math.log2(seconds) * cls.PER_DOUBLING)
+        return min(max(index, cls.LOWEST), cls.HIGHEST + 1) - cls.LOWEST
+
+    def record(self, seconds: float) -> None:
+        """Add one latency (negative values count as 0)."""
+        seconds = max(0.0, seconds)
+        self._counts[self.position(seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+        self.minimum = min(self.minimum, seconds)
+        self.maximum = max(self.maximum, seconds)
+
+    def copy(self) -> LatencyHistogram:
+        twin = LatencyHistogram()
+        twin._counts = list(self._counts)
+        # The count of the copied buckets: consistent with them even if a call is recorded
+        # (in another thread) while this copy is taken.
+        twin.count, twin.sum = sum(twin._counts), self.sum
+        twin.minimum, twin.maximum = self.minimum, self.maximum
+        return twin
+
+    def cumulative(self, bounds: list[float]) -> list[int]:
+        """How many latencies are at most each of `bounds` (each a bucket's upper bound,
+        e.g. a power of two between 2**-14 and 2**13, so the counts are exact)."""
+        counts = list(self._counts)
+        totals, running, position = [], 0, 0
+        for bound in bounds:
+            while position < len(counts) and self.upper_bound(position) <= bound:
+                running += counts[position]
+                position += 1
+            totals.append(running)
+        return totals
+
+    def percentile(self, fraction: float) -> float | None:
+        """The latency below which `fraction` (0 < fraction <= 1) of the calls fall, by
+        nearest rank; None when nothing was recorded."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        counts, total = list(self._counts), self.count
+        if total == 0:
+            return None
+        rank = max(1, math.ceil(round(fraction * total, 9)))  # 0.07 * 100 is 7.000000000000001
+        if rank == 1:
+            return self.minimum
+        if rank == total:
+            return self.maximum
+        position, seen = 0, counts[0]
+        while seen < rank:
+            position += 1
+            seen += counts[position]
+        if position == 0:
+            estimate = self.upper_bound(0) / 2
+        elif position == len(counts) - 1:
+            estimate = self.maximum
+        else:
+            estimate = (self.upper_bound(position - 1) * self.upper_bound(position)) ** 0.5
+        return min(max(estimate, self.minimum), self.maximum)
+
+
+@dataclass
+class CallTotals:
+    """The provider calls of a batch, whatever became of their items.
+
+    Attributes:
+        calls: Provider calls made (every attempt that reached `execute()`).
+        rate_limited_calls: Attempts the classifier judged rate limited (429s).
+        cooldown_seconds: Seconds the rate-limit scopes were paused, summed over scopes.
+        latency: Latency of every call, successful or failed (waits not included).
+    """
+
+    calls: int = 0
+    rate_limited_calls: int = 0
+    cooldown_seconds: float = 0.0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
 @dataclass
 class ResultTotals:
     """Running totals of a stream of results (what a `BatchResult` reports)."""
@@ -133,9 +251,17 @@ class ResultTotals:
     total_cached_tokens: int = 0
     errors_by_category: Counter[str] = field(default_factory=Counter)
     retries_by_category: Counter[str] = field(default_factory=Counter)
+    #: Items that made at least one call, their calls in all, and the most calls of one.
+    attempted_items: int = 0
+    total_attempts: int = 0
+    max_attempts: int = 0
 
     def add(self, result: WorkItemResult[Any, Any]) -> None:
         self.total_items += 1
+        if result.attempts > 0:
+            self.attempted_items += 1
+            self.total_attempts += result.attempts
+            self.max_attempts = max(self.max_attempts, result.attempts)
         if result.success:
             self.succeeded += 1
         else:
@@ -214,6 +340,7 @@ class BatchResult(Generic[TOutput, TContext]):
     duration: float = 0.0
     totals: ResultTotals | None = field(default=None, repr=False)
     max_failed_fraction: float = 1.0
+    call_totals: CallTotals = field(default_factory=CallTotals, repr=False)
 
     def __post_init__(self) -> None:
         if self.totals is None:
@@ -270,8 +397,28 @@ class BatchResult(Generic[TOutput, TContext]):
         """How many retries each category caused, over all items."""
         return dict(self.totals.retries_by_category) if self.totals else {}
 
+    def attempts_mean(self) -> float | None:
+        """Calls per item, over the items that made at least one (None if none did)."""
+        totals = self.totals
+        if totals is None or totals.attempted_items == 0:
+            return None
+        return totals.total_attempts / totals.attempted_items
+
+    def latency_percentile(self, fraction: float) -> float | None:
+        """Call latency at `fraction` (e.g. 0.95), in seconds; None when no call was made.
+        See `LatencyHistogram` for the precision."""
+        return self.call_totals.latency.percentile(fraction)
+
     def summary(self, pricing: ModelPricing | None = None) -> dict[str, Any]:
-        """A JSON-ready digest of the batch."""
+        """A JSON-ready digest of the batch.
+
+        Besides counts, tokens and the outcome: `latency_p50_seconds`, `latency_p95_seconds`,
+        `latency_p99_seconds` (of every call, failed ones included; None when no call was
+        made), `attempts_mean` (None when no item made a call) and `attempts_max` (over the
+        items that made calls), `calls`, `rate_limited_calls` and `cooldown_seconds`.
+        """
+        calls = self.call_totals
+        attempts_mean = self.attempts_mean()
         digest: dict[str, Any] = {
             "total_items": self.total_items,
             "succeeded": self.succeeded,
@@ -289,7 +436,19 @@ class BatchResult(Generic[TOutput, TContext]):
             "duration_seconds": round(self.duration, 3),
             "outcome": "failed" if self.outcome.failed else "completed",
             "outcome_message": self.outcome.message,
+            "latency_p50_seconds": _rounded(self.latency_percentile(0.5)),
+            "latency_p95_seconds": _rounded(self.latency_percentile(0.95)),
+            "latency_p99_seconds": _rounded(self.latency_percentile(0.99)),
+            "attempts_mean": None if attempts_mean is None else round(attempts_mean, 3),
+            "attempts_max": self.totals.max_attempts if self.totals else 0,
+            "calls": calls.calls,
+            "rate_limited_calls": calls.rate_limited_calls,
+            "cooldown_seconds": round(calls.cooldown_seconds, 3),
         }
         if pricing is not None:
             digest["estimated_cost_usd"] = round(self.estimated_cost(pricing), 6)
         return digest
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)
