@@ -8,7 +8,8 @@ It registers this package's block types with the Prefect server (PREFECT_API_URL
                                        process that runs the flow) and, for the emulator, its URL
   gemini-cached-strategy/handbook-qa   gemini-2.5-flash over flows/data/handbook.txt, kept in a
                                        context cache (TTL 1 h, renewed 5 min before expiry,
-                                       tags app=handbook-qa, version=1)
+                                       tags app=handbook-qa, version=1); the path is stored
+                                       relative: flows run from the repository root read it
   gemini-strategy/gemini-flash         plain gemini-2.5-flash, no cache
 Run it again to update them (documents are overwritten).
 """
@@ -16,14 +17,15 @@ Run it again to update them (documents are overwritten).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pydantic import SecretStr
 
 from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiCredentials, GeminiStrategy
 from prefect_batch_llm.pydantic_ai import PydanticAIStrategy
 
-HANDBOOK = Path(__file__).resolve().parents[1] / "flows" / "data" / "handbook.txt"
+#: Saved relative to the repository root, the working directory of the deployments in
+#: prefect.yaml (and of `make demo`): a block must not carry this machine's absolute path.
+HANDBOOK = "flows/data/handbook.txt"
 
 
 def create_blocks(emulator_url: str | None = None) -> list[str]:
@@ -45,7 +47,7 @@ def create_blocks(emulator_url: str | None = None) -> list[str]:
         credentials=credentials,
         model="gemini-2.5-flash",
         system_instruction="Answer the customer's question from the returns handbook, briefly.",
-        cached_document_paths=[str(HANDBOOK)],
+        cached_document_paths=[HANDBOOK],
         cache_ttl_seconds=3600,
         cache_renewal_buffer_seconds=300,
         cache_tags={"app": "handbook-qa", "version": "1"},

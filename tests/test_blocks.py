@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -92,3 +93,34 @@ def test_every_strategy_block_refuses_unknown_arguments_with_the_closest_field()
     assert "lattency" in str(raised.value) and "latency" in str(raised.value).replace(
         "lattency", ""
     )
+
+
+async def test_create_blocks_stores_no_absolute_path_and_a_relative_one_reads_from_cwd(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from prefect.blocks.core import Block
+
+    from prefect_batch_llm.errors import PermanentError
+    from prefect_batch_llm.gemini import GeminiCachedStrategy
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "blocks"))
+    from create_blocks import create_blocks
+
+    await asyncio.to_thread(create_blocks, "http://127.0.0.1:9")  # a sync script
+    async with get_client() as client:
+        document = await client.read_block_document_by_name("handbook-qa", "gemini-cached-strategy")
+    assert document.data["cached_document_paths"] == ["flows/data/handbook.txt"]
+    assert str(root) not in repr(document.data), "no machine-specific path in the block"
+
+    block = await Block.aload("gemini-cached-strategy/handbook-qa")
+    assert isinstance(block, GeminiCachedStrategy)
+    monkeypatch.chdir(root)
+    assert block._load_documents()[0].startswith(
+        (root / "flows/data/handbook.txt").read_text()[:40]
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PermanentError, match=rf"relative to '{tmp_path}'.*working directory"):
+        block._load_documents()

@@ -4,7 +4,6 @@ the batch; the retry decision is a pure function; prepare is retried like a call
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import subprocess
 import sys
@@ -264,20 +263,6 @@ async def test_total_timeout_per_item_bounds_the_wait_for_a_cooldown():
 
 
 # -- what the logs and the stats say -------------------------------------------------------
-
-
-async def test_each_retry_is_explained_in_the_log(caplog):
-    strategy = ScriptedStrategy(
-        {"i0": [TransientError("503 unavailable")], "i1": [RateLimitError("429", retry_after=0.05)]}
-    )
-    with caplog.at_level(logging.INFO, logger="prefect_batch_llm"):
-        async with ParallelBatchProcessor(config=ProcessorConfig(retry=FAST)) as p:
-            await p.process_stream(work(strategy, 2))
-    text = caplog.text
-    assert (
-        "Item 'i0': TransientError: 503 unavailable; attempt 2/3 after transient, waiting" in text
-    )
-    assert "Item 'i1': RateLimitError: 429; rate limit 1/10 after rate_limit, waiting" in text
 
 
 async def test_get_stats_has_the_keys_batch_llm_users_read():

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -80,7 +81,10 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
         default_factory=list, description="Context documents (text) to cache."
     )
     cached_document_paths: list[str] = Field(
-        default_factory=list, description="Files whose text is cached too, read at prepare()."
+        default_factory=list,
+        description="Files whose text is cached too, read at prepare() where the flow runs; "
+        "a relative path is read from the flow run's working directory (for a deployment, "
+        "the directory it was deployed from).",
     )
     cache_ttl_seconds: int = Field(default=3600, gt=0, description="Lifetime of the cache.")
     cache_renewal_buffer_seconds: int = Field(
@@ -171,9 +175,11 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
             try:
                 documents.append(path.read_text(encoding="utf-8"))
             except OSError as exc:
+                where = "" if path.is_absolute() else f" (relative to {os.getcwd()!r})"
                 raise PermanentError(
-                    f"Cannot read cached document {str(path)!r}: {exc.strerror or exc}. Fix "
-                    "cached_document_paths (paths are read where the flow runs)."
+                    f"Cannot read cached document {str(path)!r}{where}: "
+                    f"{exc.strerror or exc}. Fix cached_document_paths: paths are read where "
+                    "the flow runs, relative ones from the flow run's working directory."
                 ) from exc
         return documents
 
