@@ -166,7 +166,8 @@ class ItemRun:
     async def _execute(self, strategy: LLMCallStrategy[Any]) -> Any:
         runtime = self.runtime
         await runtime.lifecycle.ensure_prepared(strategy)
-        await runtime.limiter_for(strategy).acquire()
+        limiter = runtime.limiter_for(strategy)
+        passed_gate_at = await limiter.acquire()
         limit = runtime.config.timeout_per_item
         if self.deadline is not None:
             limit = min(limit, max(0.0, self.deadline - time.monotonic()))
@@ -177,10 +178,13 @@ class ItemRun:
         try:
             async with deadline:
                 if runtime.passes_state(strategy):
-                    return await strategy.execute(
+                    raw = await strategy.execute(
                         self.item.prompt, self.attempt_number, limit, self.state
                     )
-                return await strategy.execute(self.item.prompt, self.attempt_number, limit)
+                else:
+                    raw = await strategy.execute(self.item.prompt, self.attempt_number, limit)
+            limiter.call_succeeded(passed_gate_at)
+            return raw
         except TimeoutError as exc:
             if not deadline.expired():
                 raise
@@ -193,6 +197,9 @@ class ItemRun:
                 elapsed=elapsed,
                 timeout_limit=limit,
             ) from exc
+        finally:
+            # Every call's latency, failed and cut-short ones included (waits are not).
+            runtime.stats.latency.record(time.monotonic() - started)
 
     def _total_timeout(self) -> FrameworkTimeoutError:
         total = self.runtime.config.total_timeout_per_item or 0.0
@@ -244,7 +251,9 @@ class ItemRun:
         now = time.monotonic()
         decision = decide(info, self.used, config.retry, now=now, deadline=self.deadline)
         if decision.cooldown > 0:
-            runtime.limiter_for(strategy).start_cooldown(decision.cooldown)
+            runtime.limiter_for(strategy).start_cooldown(
+                decision.cooldown, retry_after=info.suggested_wait
+            )
         error = describe(exc)
         if info.message:
             error = f"{error} ({info.message})"

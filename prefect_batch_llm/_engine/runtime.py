@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect_batch_llm._engine.lifecycle import StrategyLifecycle
-from prefect_batch_llm._engine.rate_limit import RateLimiter
+from prefect_batch_llm._engine.rate_limit import CooldownObserver, RateLimiter
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import DefaultErrorClassifier, ErrorClassifier
-from prefect_batch_llm.results import ResultTotals, TokenUsage
+from prefect_batch_llm.results import CallTotals, LatencyHistogram, ResultTotals, TokenUsage
 from prefect_batch_llm.strategy import LLMCallStrategy, accepts_state
 
 _DEFAULT_CLASSIFIER = DefaultErrorClassifier()
@@ -20,9 +20,11 @@ FAILED_ITEM_ARTIFACTS = 100
 
 @dataclass
 class BatchStats:
-    """Live counters of one batch (what `get_stats()` reports).
+    """Live counters of one batch (what `get_stats()` and the metrics report).
 
     `results` counts final results; the token counters include attempts still running.
+    Memory is constant in the number of items and calls: `latency` is a fixed histogram,
+    `limiters` holds one rate limiter per scope.
     """
 
     total: int = 0
@@ -37,6 +39,22 @@ class BatchStats:
     started_at: float | None = None
     started_at_wall: float | None = None
     finished_at: float | None = None
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    limiters: list[RateLimiter] = field(default_factory=list)
+
+    @property
+    def cooldown_seconds(self) -> float:
+        """Seconds the rate-limit scopes were paused so far, summed over scopes."""
+        return sum(limiter.paused_seconds for limiter in list(self.limiters))
+
+    def call_totals(self) -> CallTotals:
+        """A snapshot of the call counters (what `BatchResult.call_totals` holds)."""
+        return CallTotals(
+            calls=self.calls,
+            rate_limited_calls=self.rate_limit_count,
+            cooldown_seconds=self.cooldown_seconds,
+            latency=self.latency.copy(),
+        )
 
     def record_usage(self, usage: TokenUsage) -> None:
         self.input_tokens += usage.get("input_tokens", 0)
@@ -53,8 +71,11 @@ class BatchRuntime:
         lifecycle: StrategyLifecycle,
         classifier: ErrorClassifier | None,
         stats: BatchStats,
+        *,
+        on_cooldown: CooldownObserver | None = None,
     ) -> None:
         self.config = config
+        self._on_cooldown = on_cooldown
         self.lifecycle = lifecycle
         self.classifier = classifier
         self.stats = stats
@@ -71,8 +92,16 @@ class BatchRuntime:
             limiter = self._limiters[scope] = RateLimiter(
                 self.config.max_requests_per_minute,
                 slow_start_calls=min(self.config.max_workers, 32),
+                scope=scope,
+                observer=self._on_cooldown,
             )
+            self.stats.limiters.append(limiter)
         return limiter
+
+    def close(self) -> None:
+        """The batch is over: end every rate-limit storm still open."""
+        for limiter in self._limiters.values():
+            limiter.close()
 
     def classifier_for(self, strategy: LLMCallStrategy[Any]) -> ErrorClassifier:
         return self.classifier or strategy.error_classifier or _DEFAULT_CLASSIFIER
