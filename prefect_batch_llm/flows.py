@@ -79,9 +79,10 @@ class BatchFlowConfig(ProcessorConfig):
         description="Keep the run's logs to batch-level lines, retries and failures (off: "
         "also one 'Finished in state Completed()' line per item).",
     )
-    # Library settings with no use in a deployment: not in the run form.
-    keep_results: SkipJsonSchema[bool] = False
-    progress_bar: SkipJsonSchema[bool | None] = None
+    # Library settings with no use in a deployment: not in the run form, nor in the
+    # parameter's default value the form sends back (the schema forbids unknown keys).
+    keep_results: SkipJsonSchema[bool] = Field(False, exclude=True)
+    progress_bar: SkipJsonSchema[bool | None] = Field(None, exclude=True)
 
 
 DEFAULT_FLOW_CONFIG = BatchFlowConfig()

@@ -14,7 +14,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from prefect.blocks.core import Block
-from pydantic import HttpUrl, model_validator
+from pydantic import GetJsonSchemaHandler, HttpUrl, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from prefect_batch_llm._links import LOGO_URL, docs_page
 from prefect_batch_llm._unknown_args import check_arguments, lenient_arguments, passed_options
@@ -157,6 +159,28 @@ class StrategyBlock(Block, LLMCallStrategy[Any], ABC):
     @classmethod
     def _reject_unknown_arguments(cls, values: Any) -> Any:
         return check_arguments(cls, values, cls._argument_hints)
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """Fields with a plain default are `required` in the block's JSON schema.
+
+        A flow parameter typed with a block is picked in the run form, which sends
+        `{"$ref": {"block_document_id": ...}}`; the server accepts it when exactly one of
+        "the block's fields" and "a reference" matches (`oneOf`). A block whose fields all have
+        defaults matches any object, the reference included, and the run is refused ("not
+        valid under any of the given schemas"). A saved block document always holds every
+        field and the UI's block form fills in defaults, so requiring them costs nothing.
+        """
+        json_schema = handler.resolve_ref_schema(handler(core_schema))
+        defaulted = [
+            name
+            for name, field in json_schema.get("properties", {}).items()
+            if isinstance(field.get("default"), str | int | float | bool)
+        ]
+        json_schema["required"] = sorted({*json_schema.get("required", []), *defaulted})
+        return json_schema
 
     @classmethod
     def model_validate(

@@ -280,16 +280,18 @@ async def test_the_ui_shows_a_finished_batch_and_the_block_form(
     # The cached strategy's create form renders its fields, with their descriptions.
     await page.goto(f"{ui}/blocks/catalog/gemini-cached-strategy/create")
     await expect(page.get_by_text("Block Name", exact=True)).to_be_visible()
+    # Fields with a plain default are required in the schema (so a block picked in a run form
+    # validates, see StrategyBlock.__get_pydantic_json_schema__): no "(Optional)" on them.
     for label in (
-        "Model (Optional)",
+        "Model",
         "System Instruction",
         "Cached Documents (Optional)",
         "Cached Document Paths (Optional)",
-        "Cache Ttl Seconds (Optional)",
-        "Cache Renewal Buffer Seconds (Optional)",
+        "Cache Ttl Seconds",
+        "Cache Renewal Buffer Seconds",
         "Cache Tags (Optional)",
-        "Auto Renew (Optional)",
-        "Delete Cache On Cleanup (Optional)",
+        "Auto Renew",
+        "Delete Cache On Cleanup",
         "Lifetime of the cache.",
     ):
         await expect(page.get_by_text(label, exact=True).first).to_be_attached()
@@ -302,5 +304,67 @@ async def test_the_ui_shows_a_finished_batch_and_the_block_form(
     logos = await page.eval_on_selector_all("img", "imgs => imgs.map(img => img.src)")
     assert LOGO_URL in logos
     await shot(page, "block-form-gemini-cached-strategy")
-    await page.get_by_text("Cache Ttl Seconds (Optional)").scroll_into_view_if_needed()
+    await page.get_by_text("Cache Ttl Seconds", exact=True).scroll_into_view_if_needed()
     await shot(page, "block-form-cache-fields")
+
+
+async def test_a_strategy_block_picked_in_the_run_form_runs_the_batch(
+    tmp_path: Path, server: tuple[str, dict[str, str]], browser: Browser
+) -> None:
+    """The deployment's run form: `strategy` is a block picker; the picked block's reference
+    passes the server's parameter validation and the flow run loads and runs that block."""
+    api, env = server
+    ui = api.removesuffix("/api")
+    source = tmp_path / "questions.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in ITEMS.items()))
+    output = tmp_path / "picked.results.jsonl"
+    with GeminiEmulator(latency=0.01) as emulator:
+        run([*PREFECT, "block", "register", "-m", "prefect_batch_llm"], env)
+        run([sys.executable, "blocks/create_blocks.py", "--emulator-url", emulator.base_url], env)
+        deployment_id = run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from prefect_batch_llm.flows import batch_llm; "
+                "d = batch_llm.to_deployment('form', parameters={'output': sys.argv[1]}); "
+                "d.entrypoint = 'flows/batch.py:batch_llm'; print(d.apply())",
+                str(output),
+            ],
+            env,
+        ).strip()
+
+        page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        expect.set_options(timeout=30_000)
+        await page.goto(f"{ui}/deployments/deployment/{deployment_id}/run")
+        await page.locator("textarea").first.fill(str(source))  # `input`, the first field
+        await page.get_by_text("GeminiCachedStrategy", exact=True).first.click()
+        picker = page.locator(".block-document-input .p-select-button__control").first
+        await picker.focus()
+        await page.keyboard.press("Space")  # the select opens from the keyboard
+        await page.get_by_text("handbook-qa", exact=True).click()
+        await expect(page.locator(".block-document-input").first).to_contain_text("handbook-qa")
+        await shot(page, "run-form-block-picker")
+        await page.get_by_role("button", name="Submit").click()
+        await page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+\?tab=Runs"))
+
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            async with get_client() as client:
+                [flow_run] = await client.read_flow_runs()
+                block = await client.read_block_document_by_name(
+                    "handbook-qa", "gemini-cached-strategy"
+                )
+        assert flow_run.parameters["strategy"] == {"$ref": {"block_document_id": str(block.id)}}
+        # Execute that flow run as a worker would (the engine, in its own process).
+        run(
+            [sys.executable, "-m", "prefect.engine"],
+            {**env, "PREFECT__FLOW_RUN_ID": str(flow_run.id)},
+            timeout=180,
+        )
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        async with get_client() as client:
+            finished = await client.read_flow_run(flow_run.id)
+    assert finished.state is not None and finished.state.is_completed(), finished.state
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(ITEMS)
+    assert all(line["success"] for line in lines)
