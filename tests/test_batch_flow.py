@@ -148,3 +148,21 @@ async def test_pipeline_runs_the_batch_flow_as_a_subflow(emulator, tmp_path, mon
     assert result["documents"] == 3 and result["stored"] == 3
     stored = json.loads((tmp_path / "work" / "summaries.json").read_text())
     assert set(stored) == {"doc-000", "doc-001", "doc-002"}
+
+
+@pytest.mark.parametrize(
+    ("deployment_name", "input_path", "expected"),
+    [
+        ("file-batch", "flows/data/questions.jsonl", "batch-llm-file-batch"),
+        ("Nightly Run #2", "x.csv", "batch-llm-nightly-run-2"),
+        (None, "s3://bucket/dir/Q3 Questions.jsonl?v=1", "batch-llm-q3-questions"),
+        (None, "/tmp/___.jsonl", "batch-llm"),
+    ],
+)
+def test_artifact_keys_are_per_deployment_or_per_input(
+    monkeypatch, deployment_name, input_path, expected
+):
+    from prefect_batch_llm import flows
+
+    monkeypatch.setattr(flows, "deployment", type("D", (), {"name": deployment_name}))
+    assert flows._artifact_key_for(input_path) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -222,17 +223,21 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, 
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
         )
-    kinds = {a.type: a for a in artifacts}
-    # Besides ours, Prefect's own reference to the failed flow run's stored exception.
-    assert (
-        {"progress", "table", "markdown"} <= set(kinds) <= {"progress", "table", "markdown", None}
-    )
-    assert kinds["progress"].data == 100.0
-    assert "| Items | 13 |" in str(kinds["markdown"].data)
-    assert "| Outcome | failed: 1 of 13 items failed (7.7% > 5% allowed)" in str(
-        kinds["markdown"].data
-    )
-    assert "| Cache hit rate |" in str(kinds["markdown"].data)
-    table = kinds["table"].data
-    rows = json.loads(table) if isinstance(table, str) else table
-    assert rows[0]["id"] == "line-6", "failures first"
+    by_key = {a.key: a for a in artifacts if a.key}
+    # Keyed per deployment: file-batch, nightly and the pipeline each have their own timeline.
+    assert set(by_key) == {
+        "batch-llm-file-batch-progress",
+        "batch-llm-file-batch-results",
+        "batch-llm-file-batch-report",
+    }
+    assert by_key["batch-llm-file-batch-progress"].data == 100.0
+    report = str(by_key["batch-llm-file-batch-report"].data)
+    assert "| Items | 13 |" in report and "| Cache hit rate |" in report
+    assert "| Outcome | failed: 1 of 13 items failed (7.7% > 5% allowed)" in report
+    assert f"| Input | {source} |" in report
+    assert "| Strategy | gemini-cached-strategy/handbook-qa |" in report
+    table = str(by_key["batch-llm-file-batch-results"].data)
+    assert re.search(r"\| 6 \| \[line-6\]\(\S+/runs/task-run/[0-9a-f-]+\) \| \*\*failed\*\*", table)
+    # The failed item's own artifact, on its task run.
+    failed_item = next(t for t in task_runs if t.name == "line-6" and t.flow_run_id == flow_run.id)
+    assert any(a.task_run_id == failed_item.id for a in artifacts)
