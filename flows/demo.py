@@ -8,6 +8,9 @@ Gemini API. Either way it runs on Prefect's ephemeral server (unless PREFECT_API
 at a server): it saves the block documents (`blocks/create_blocks.py`), then runs the
 `batch-llm` flow over `flows/data/questions.jsonl` (200 questions) with the cached-handbook
 strategy, and prints the summary, where the results went, and where the artifacts are.
+
+The run's logs stay at batch level (`quiet_item_logs`, the flow's default): the retries of the
+scripted 429 and 503 and the summary line, not one "Finished in state Completed()" per item.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(ROOT / "blocks"))
 from create_blocks import create_blocks  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME  # noqa: E402
 
-from prefect_batch_llm.flows import batch_llm  # noqa: E402
+from prefect_batch_llm.flows import BatchFlowConfig, batch_llm  # noqa: E402
 from prefect_batch_llm.testing import Fault, GeminiEmulator  # noqa: E402
 
 QUESTIONS = ROOT / "flows" / "data" / "questions.jsonl"
@@ -49,6 +52,7 @@ def main() -> None:
                 input=str(QUESTIONS),
                 strategy="gemini-cached-strategy/handbook-qa",
                 output=str(output),
+                config=BatchFlowConfig(quiet_item_logs=True),
                 fresh=True,
             )
         )
