@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -80,6 +81,11 @@ def _row(index: int, result: WorkItemResult[Any, Any], task_run_id: str | None) 
 def _cut(value: Any, limit: int) -> str:
     text = "" if value is None else " ".join(str(value)[: limit * 4].split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _quoted(text: str) -> str:
+    """Text as a markdown block quote, its markup characters escaped."""
+    return "> " + re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", text)
 
 
 def _cell(text: str) -> str:
@@ -299,7 +305,6 @@ async def report_failed_item(run: ItemRun) -> None:
     retries = ", ".join(f"{k}: {v}" for k, v in sorted(result.retries_by_category.items()))
     rows = [
         ("Category", result.error_category or ""),
-        ("Error", _cut(result.error, 2000)),
         ("Calls", str(result.attempts)),
         ("Retries", retries or "none"),
         (
@@ -307,11 +312,13 @@ async def report_failed_item(run: ItemRun) -> None:
             f"{usage.get('input_tokens', 0):,} in ({usage.get('cached_input_tokens', 0):,} "
             f"cached) / {usage.get('output_tokens', 0):,} out",
         ),
-        ("Prompt", _cut(run.item.prompt, 500)),
     ]
+    # The error and the prompt are long: quoted paragraphs wrap, where a table cell would not.
     markdown = "\n".join(
         [f"# Item `{result.item_id}` failed", "", "| | |", "|---|---|"]
         + [f"| {name} | {_cell(value)} |" for name, value in rows]
+        + ["", "## Error", "", _quoted(_cut(result.error, 2000))]
+        + ["", "## Prompt", "", _quoted(_cut(run.item.prompt, 500))]
     )
     try:
         await acreate_markdown_artifact(markdown, description=f"Why item {result.item_id} failed")

@@ -127,7 +127,8 @@ async def test_a_failed_item_has_an_artifact_on_its_task_run(finished_run):
     assert [a.task_run_id for a in on_task_runs] == [task_runs["i2"].id], "failed items only"
     text = str(on_task_runs[0].data)
     assert "# Item `i2` failed" in text and "400 bad request: field 'x'" in text
-    assert "| Prompt | p2 word word" in text and "| Category | permanent |" in text
+    assert "## Prompt\n\n> p2 word word" in text and "| Category | permanent |" in text
+    assert "## Error\n\n> PermanentError: 400 bad request: field 'x'" in text
 
 
 async def test_report_names_where_it_ran_and_results_link_each_item_in_input_order(finished_run):
