@@ -166,3 +166,23 @@ def test_artifact_keys_are_per_deployment_or_per_input(
 
     monkeypatch.setattr(flows, "deployment", type("D", (), {"name": deployment_name}))
     assert flows._artifact_key_for(input_path) == expected
+
+
+def test_the_run_form_has_a_block_picker_and_no_library_settings_or_doc_markup():
+    from prefect.utilities.callables import parameter_schema
+
+    from prefect_batch_llm.flows import batch_llm
+
+    schema = parameter_schema(batch_llm).model_dump(by_alias=True)
+    choices = schema["properties"]["strategy"]["anyOf"]
+    picked = [schema["definitions"][c["$ref"].split("/")[-1]] for c in choices if "$ref" in c]
+    assert {d["block_type_slug"] for d in picked} == {
+        "gemini-strategy",
+        "gemini-cached-strategy",
+        "pydantic-ai-strategy",
+    }, "a block picker per strategy block type"
+    assert {"type": "string"} in choices, "slug/name strings still work from the CLI"
+    config = schema["definitions"]["BatchFlowConfig"]["properties"]
+    assert not {"keep_results", "progress_bar"} & set(config)
+    assert not {"keep_results", "progress_bar"} & set(schema["properties"]["config"]["default"])
+    assert "][" not in json.dumps(schema), "no mkdocs cross-reference markup in descriptions"
