@@ -42,8 +42,7 @@ DEFAULT_MAX_FAILED_FRACTION = 0.05
 
 class BatchFlowConfig(ProcessorConfig):
     """`ProcessorConfig` with the deployable flow's defaults: resumable for 12 hours, a run
-    fails when more than 5% of its items fail, artifacts keyed per deployment, and the run's
-    logs kept to batch-level lines, retries and failures.
+    fails when more than 5% of its items fail, artifacts keyed per deployment.
 
     A partial `config` parameter (`--param config='{"max_workers": 4}'`) changes only the
     fields it names; every other field keeps these defaults.
@@ -73,11 +72,6 @@ class BatchFlowConfig(ProcessorConfig):
         description="Key prefix of the artifacts (lowercase letters, digits, dashes). Empty: "
         "batch-llm-<deployment>, or batch-llm-<input file name> outside a deployment, so "
         "each deployment has its own artifact timeline.",
-    )
-    quiet_item_logs: bool = Field(
-        True,
-        description="Keep the run's logs to batch-level lines, retries and failures (off: "
-        "also one 'Finished in state Completed()' line per item).",
     )
     # Library settings with no use in a deployment: not in the run form, nor in the
     # parameter's default value the form sends back (the schema forbids unknown keys).

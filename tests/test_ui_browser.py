@@ -264,6 +264,16 @@ async def test_the_ui_shows_a_finished_batch_and_the_block_form(
         assert await row.count() == 1, f"the report has no single {label!r} row"
         assert value in await row.inner_text(), f"report row {label!r} lacks {value!r}"
 
+    # A successful item's task run shows its outcome, calls, tokens and prompt (its final
+    # state message, in the line Prefect logs when it ends; the flow's default logs).
+    ok_task_run = found["task_runs"]["ui-return-window"]
+    await page.goto(f"{ui}/runs/task-run/{ok_task_run.id}")
+    await expect(
+        page.get_by_text(re.compile(r"succeeded · 1 call\(s\) · tokens in"))
+    ).to_be_visible()
+    await expect(page.get_by_text(re.compile(re.escape(ITEMS["ui-return-window"])))).to_be_visible()
+    await shot(page, "succeeded-task-run")
+
     # A failed item's task run shows why it failed, in its logs (the final state message)...
     await page.goto(f"{ui}/runs/task-run/{failed_task_run.id}")
     await expect(page.get_by_text(EMULATOR_ERROR).first).to_be_visible()
