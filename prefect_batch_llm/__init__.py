@@ -30,6 +30,7 @@ from prefect_batch_llm.gemini import (
     GeminiStrategy,
 )
 from prefect_batch_llm.items import LLMWorkItem
+from prefect_batch_llm.preview import CostPreview, preview_cost, project_cost
 from prefect_batch_llm.processor import ParallelBatchProcessor, ProcessingStats
 from prefect_batch_llm.pydantic_ai import PydanticAIErrorClassifier, PydanticAIStrategy
 from prefect_batch_llm.results import (
@@ -53,6 +54,7 @@ __all__ = [
     "BatchResult",
     "CacheExpiredError",
     "CallableStrategy",
+    "CostPreview",
     "DefaultErrorClassifier",
     "ErrorCategory",
     "ErrorClassifier",
@@ -82,4 +84,6 @@ __all__ = [
     "TransientError",
     "WorkItemResult",
     "__version__",
+    "preview_cost",
+    "project_cost",
 ]

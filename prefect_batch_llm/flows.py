@@ -28,6 +28,7 @@ from prefect_batch_llm.files import (
 from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiStrategy
 from prefect_batch_llm.gemini.pricing import gemini_pricing
 from prefect_batch_llm.items import LLMWorkItem
+from prefect_batch_llm.preview import preview_cost
 from prefect_batch_llm.processor import ParallelBatchProcessor
 from prefect_batch_llm.pydantic_ai import PydanticAIStrategy
 from prefect_batch_llm.results import BatchFailedError, ModelPricing
@@ -168,6 +169,7 @@ async def batch_llm(
     output: str | None = None,
     config: FlowConfig = DEFAULT_FLOW_CONFIG,
     fresh: bool = False,
+    preview: bool = False,
 ) -> dict[str, Any]:
     """Run every line of a JSONL or CSV file through a saved strategy block.
 
@@ -184,6 +186,8 @@ async def batch_llm(
             same prompt, context and strategy settings are not called again, and the run
             fails when more than 5% of its items fail.
         fresh: Recompute every item even if an earlier run completed it.
+        preview: Only project the cost (prompt tokens counted, sampled above 200 items; with
+            and without the context cache) and return it: no generate call, nothing billed.
 
     Returns:
         A compact summary: counts, tokens, cache hit rate, cost, duration, output path.
@@ -212,6 +216,16 @@ async def batch_llm(
         updates["refresh_cache"] = True
     config = config.model_copy(update=updates)
     pricing = _pricing_for(chosen)
+    if preview:
+        found = await preview_cost(
+            input,
+            chosen,
+            pricing=pricing,
+            concurrency=config.max_workers,
+            artifact_key=config.artifact_key,
+            artifacts=config.report_artifacts,
+        )
+        return found.summary()
     where = _absolute(destination)
     details = {
         "Input": _absolute(input),

@@ -2,7 +2,8 @@
 
 A strategy is shared by many work items. The processor calls `prepare()` once per strategy
 instance before its first item, `execute()` once per attempt, `on_error()` after each failed
-attempt, and `cleanup()` once when the processor's context manager exits.
+attempt, and `cleanup()` once when the processor's context manager exits. The cost preview
+calls `prepare_counting()`, then `count_tokens()` per counted prompt, then `cleanup()`.
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ class LLMCallStrategy(ABC, Generic[TOutput]):
 
     async def cleanup(self) -> None:
         """Release what `prepare()` made. Called once, when the processor's context exits."""
+
+    async def prepare_counting(self) -> None:
+        """Make what `count_tokens()` needs (a client), billing nothing: no context cache is
+        created. The cost preview calls it once before counting and `cleanup()` once after."""
+
+    async def count_tokens(self, prompt: Any) -> TokenUsage | None:
+        """The input tokens one `execute()` of `prompt` would send, counted without billing.
+
+        Returns `input_tokens` (everything the call reads, cached tokens included, as in a
+        call's usage) and `cached_input_tokens` (those read from a context cache, billed at
+        the cached rate). The default returns None: this strategy cannot count, and the cost
+        preview ([`preview_cost`][prefect_batch_llm.preview_cost]) refuses it. Gemini
+        strategies count with Gemini's `countTokens` API, which is free.
+        """
+        return None
 
     async def dry_run(self, prompt: Any) -> ExecuteResult:
         """What `execute()` returns under `ProcessorConfig(dry_run=True)`: no call, no tokens."""

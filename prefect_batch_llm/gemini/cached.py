@@ -26,7 +26,8 @@ from prefect_batch_llm.gemini._caches import (
     parse_display_name,
 )
 from prefect_batch_llm.gemini.errors import is_cache_expired
-from prefect_batch_llm.gemini.strategy import GeminiStrategy
+from prefect_batch_llm.gemini.strategy import GeminiStrategy, as_contents, count_gemini_tokens
+from prefect_batch_llm.results import TokenUsage
 from prefect_batch_llm.strategy import ExecuteResult, RetryState
 
 logger = logging.getLogger("prefect_batch_llm")
@@ -328,6 +329,31 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
             # Counted per prepare(): an instance shared by two processors is two uses.
             self._uses += 1
             cache_users.move(None, self._used_key, 1)
+
+    async def prepare_counting(self) -> None:
+        """The client and the documents to cache; no cache is looked up or created."""
+        await super().prepare_counting()
+        self._documents = self._load_documents()
+
+    async def count_tokens(self, prompt: Any) -> TokenUsage | None:
+        """The prompt's tokens plus the cached content's, which calls read from the cache.
+
+        The cached content (documents and system instruction) is counted once, as contents,
+        without creating a cache: the projection assumes the cache works (a content below the
+        model's minimum cache size with `fallback_to_uncached` is billed as without a cache).
+        """
+        usage = await super().count_tokens(prompt)
+        assert usage is not None
+        return TokenUsage(
+            input_tokens=usage.get("input_tokens", 0),
+            cached_input_tokens=await self.count_fixed_tokens(),
+        )
+
+    async def _count_fixed(self) -> int:
+        """Tokens every call reads from the cache: the documents and the system instruction."""
+        documents = self._documents or self._load_documents()
+        contents = as_contents([*documents, self.system_instruction or ""])
+        return await count_gemini_tokens(self.client(), self.model, contents) if contents else 0
 
     async def fresh_cache_name(self, state: RetryState | None = None) -> str | None:
         """The cache to call with now: found or created on first use, renewed when it expires

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -46,6 +47,18 @@ def usage_of(response: types.GenerateContentResponse) -> TokenUsage:
         cached_input_tokens=meta.cached_content_token_count or 0,
         thoughts_tokens=thoughts,
     )
+
+
+async def count_gemini_tokens(client: genai.Client, model: str, contents: Any) -> int:
+    """Tokens of `contents` for `model`, from Gemini's free `countTokens` API."""
+    response = await client.aio.models.count_tokens(model=model, contents=contents)
+    return response.total_tokens or 0
+
+
+def as_contents(texts: list[str]) -> list[types.Content]:
+    """Texts as user contents, one part each: how a system instruction or cached documents
+    are counted (the Developer API's `countTokens` takes no system instruction)."""
+    return [types.Content(role="user", parts=[types.Part(text=text)]) for text in texts if text]
 
 
 def _name(value: Any) -> str | None:
@@ -117,9 +130,44 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
     _client: genai.Client | None = PrivateAttr(default=None)
     _request_config: types.GenerateContentConfig | None = PrivateAttr(default=None)
     _config_built: bool = PrivateAttr(default=False)
+    _fixed_tokens: int | None = PrivateAttr(default=None)
+    _count_lock: asyncio.Lock | None = PrivateAttr(default=None)
 
     async def prepare(self) -> None:
         self._client = self.credentials.acquire_client()
+
+    async def prepare_counting(self) -> None:
+        """The shared client only (what `prepare()` of the plain strategy does, no cache)."""
+        if self._client is None:
+            self._client = self.credentials.acquire_client()
+
+    async def count_tokens(self, prompt: Any) -> TokenUsage | None:
+        """The prompt's tokens plus the system instruction's (counted once), by `countTokens`.
+
+        The system instruction is counted as a content of its own, since the Developer API's
+        `countTokens` takes none: Gemini may bill a few tokens more for its framing."""
+        fixed = await self.count_fixed_tokens()
+        own = await count_gemini_tokens(self.client(), self.model, prompt)
+        return TokenUsage(input_tokens=own + fixed, cached_input_tokens=0)
+
+    async def count_fixed_tokens(self) -> int:
+        """Tokens every call sends besides its prompt, counted once (the system instruction;
+        for the cached strategy, the cached content)."""
+        if self._fixed_tokens is None:
+            async with self._counting_lock():
+                if self._fixed_tokens is None:
+                    self._fixed_tokens = await self._count_fixed()
+        return self._fixed_tokens
+
+    def _counting_lock(self) -> asyncio.Lock:
+        if self._count_lock is None:
+            self._count_lock = asyncio.Lock()
+        return self._count_lock
+
+    async def _count_fixed(self) -> int:
+        """Tokens every call sends besides the prompt: the system instruction."""
+        contents = as_contents([self.system_instruction or ""])
+        return await count_gemini_tokens(self.client(), self.model, contents) if contents else 0
 
     async def cleanup(self) -> None:
         if self._client is not None:

@@ -21,6 +21,7 @@ from prefect_batch_llm._unknown_args import (
 from prefect_batch_llm.errors import ErrorClassifier, OutputValidationError
 from prefect_batch_llm.gemini.cached import GeminiCachedStrategy
 from prefect_batch_llm.gemini.credentials import GeminiCredentials
+from prefect_batch_llm.gemini.strategy import GeminiStrategy
 from prefect_batch_llm.pydantic_ai.errors import PydanticAIErrorClassifier, validation_feedback
 from prefect_batch_llm.results import TokenUsage
 from prefect_batch_llm.strategy import ExecuteResult, RetryState, StrategyBlock
@@ -136,6 +137,7 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
     _live_agent: Agent[Any, Any] | None = PrivateAttr(default=None)
     _agents: dict[str, Agent[Any, Any]] = PrivateAttr(default_factory=dict)
     _acquired: int = PrivateAttr(default=0)
+    _counting: GeminiStrategy | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_cache_use(self) -> PydanticAIStrategy:
@@ -258,6 +260,49 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
             raise
         return result.output, usage_from(usage), {"model": model, "requests": usage.requests}
 
+    # -- counting (the cost preview) -------------------------------------------------------
+
+    def _counts_with_gemini(self) -> bool:
+        """Whether `count_tokens()` can count what an attempt sends: a described agent on a
+        Google model with credentials, whose output adds no tool definition to the request
+        (text output, or `output_mode='native'`)."""
+        return (
+            self._live_agent is None
+            and self.credentials is not None
+            and self.model.startswith(("google:", "google-gla:"))
+            and (self.output_type is None or self.output_mode == "native")
+        )
+
+    async def prepare_counting(self) -> None:
+        if not self._counts_with_gemini():
+            return
+        assert self.credentials is not None
+        self._counting = GeminiStrategy(
+            credentials=self.credentials,
+            model=self.model.split(":", 1)[1],
+            system_instruction=self.instructions,
+        )
+        await self._counting.prepare_counting()
+        if self.context_cache is not None:
+            await self.context_cache.prepare_counting()
+
+    async def count_tokens(self, prompt: Any) -> TokenUsage | None:
+        """Delegated to Gemini's `countTokens` for a Google model (see `_counts_with_gemini`):
+        the prompt and the instructions, plus the context cache's content read at the cached
+        rate. None otherwise: a tool-mode structured output sends a tool schema that cannot be
+        counted here, and other providers have no counting API wired in."""
+        if self._counting is None:
+            return None
+        usage = await self._counting.count_tokens(prompt)
+        assert usage is not None
+        if self.context_cache is None:
+            return usage
+        cached_tokens = await self.context_cache.count_fixed_tokens()
+        return TokenUsage(
+            input_tokens=usage.get("input_tokens", 0) + cached_tokens,
+            cached_input_tokens=cached_tokens,
+        )
+
     async def on_error(
         self, exception: BaseException, attempt: int, state: RetryState | None = None
     ) -> None:
@@ -269,6 +314,9 @@ pydantic_ai_strategy = PydanticAIStrategy.load("BLOCK_NAME")
             await self.context_cache.on_error(exception, attempt, state)
 
     async def cleanup(self) -> None:
+        counting, self._counting = self._counting, None
+        if counting is not None:
+            await counting.cleanup()
         if self.context_cache is not None:
             await self.context_cache.cleanup()
         # Agents hold the shared client they were built with: drop them, release the client.
