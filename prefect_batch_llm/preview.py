@@ -377,8 +377,8 @@ async def _count(
         async with slots:
             return await _count_one(strategy, prompt, retry)
 
-    await strategy.prepare_counting()
     try:
+        await strategy.prepare_counting()  # inside: what it acquired before failing is released
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(one(prompt)) for prompt in prompts]
     except* (ValueError, RuntimeError) as failures:
