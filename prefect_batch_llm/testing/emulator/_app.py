@@ -1,4 +1,9 @@
-"""The emulator's HTTP layer: Gemini Developer API routes on Starlette."""
+"""The emulator's HTTP layer: Gemini Developer API routes on Starlette.
+
+`models/{m}:generateContent` and friends and `cachedContents` live here; Batch Mode
+(`_batches.py`) and the Files API (`_files.py`) register their own routes. What a request is
+answered with comes from `_generation.py`, shared with batch jobs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import asyncio
 import json
 import math
 import random
-from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from starlette.applications import Starlette
@@ -15,15 +20,23 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from prefect_batch_llm.testing.emulator._responses import (
-    default_answer,
-    forced_function,
-    instance_for,
-    last_user_text,
-    pick,
-    response_schema,
-    texts,
+from prefect_batch_llm.testing.emulator._batches import BatchRoutes
+from prefect_batch_llm.testing.emulator._files import FileRoutes
+from prefect_batch_llm.testing.emulator._generation import (
+    Generation,
+    ResponseFn,
+    service_tier,
 )
+from prefect_batch_llm.testing.emulator._http import (
+    ApiError,
+    Reply,
+    check,
+    done,
+    error,
+    read_json,
+)
+from prefect_batch_llm.testing.emulator._jobs import BatchFault
+from prefect_batch_llm.testing.emulator._responses import pick, texts
 from prefect_batch_llm.testing.emulator._state import (
     EmulatorState,
     Fault,
@@ -32,47 +45,7 @@ from prefect_batch_llm.testing.emulator._state import (
     parse_rfc3339,
 )
 
-#: `response_fn(model, prompt, request_body)` -> text, a JSON value, or None for the default.
-ResponseFn = Callable[[str, str, dict[str, Any]], Any]
-
-_VERSIONS = {"v1", "v1beta", "v1alpha"}
-_STATUS = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    429: "RESOURCE_EXHAUSTED",
-    500: "INTERNAL",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-}
-_SAFE_RATINGS = [
-    {"category": "HARM_CATEGORY_HATE_SPEECH", "probability": "NEGLIGIBLE"},
-    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "NEGLIGIBLE"},
-]
-
-
-class _Reply(Exception):
-    """Raised inside a handler to answer with an error envelope (or any response)."""
-
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-
-def error(
-    code: int,
-    message: str,
-    *,
-    details: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """Google's error envelope."""
-    body: dict[str, Any] = {
-        "error": {"code": code, "message": message, "status": _STATUS.get(code, "UNKNOWN")}
-    }
-    if details:
-        body["error"]["details"] = details
-    return JSONResponse(body, status_code=code, headers=headers)
+__all__ = ["EmulatorApp", "ResponseFn"]
 
 
 class _DroppedConnection(Response):
@@ -95,13 +68,17 @@ class EmulatorApp:
 
     def __init__(self, state: EmulatorState, response_fn: ResponseFn | None = None) -> None:
         self.state = state
-        self.response_fn = response_fn
+        self.generation = Generation(state, response_fn)
+        state.batches.runner = self.generation.batch_answer
+        self.batches = BatchRoutes(state)
+        self.files = FileRoutes(state)
         self.app = Starlette(
             routes=[
                 Route("/_emulator/stats", self.stats, methods=["GET"]),
                 Route("/_emulator/reset", self.reset, methods=["POST"]),
                 Route("/_emulator/clock/advance", self.advance, methods=["POST"]),
                 Route("/_emulator/faults", self.add_faults, methods=["POST"]),
+                Route("/_emulator/batches/config", self.batch_config, methods=["GET", "POST"]),
                 Route("/{version}/models/{target:path}", self.model_action, methods=["POST"]),
                 Route("/{version}/cachedContents", self.caches, methods=["GET", "POST"]),
                 Route(
@@ -109,35 +86,24 @@ class EmulatorApp:
                     self.cache,
                     methods=["GET", "PATCH", "DELETE"],
                 ),
+                *self.batches.routes(),
+                *self.files.routes(),
                 Route("/{path:path}", self.unknown, methods=["GET", "POST", "PATCH", "DELETE"]),
             ]
         )
 
+    @property
+    def response_fn(self) -> ResponseFn | None:
+        return self.generation.response_fn
+
+    @response_fn.setter
+    def response_fn(self, fn: ResponseFn | None) -> None:
+        self.generation.response_fn = fn
+
     # -- plumbing ------------------------------------------------------------------------
 
-    def _check(self, request: Request) -> None:
-        if request.path_params.get("version") not in _VERSIONS:
-            raise _Reply(error(404, f"Unknown API version {request.path_params.get('version')}"))
-        key = request.headers.get("x-goog-api-key")
-        if not key:
-            raise _Reply(
-                error(403, "Method doesn't allow unregistered callers. Send x-goog-api-key.")
-            )
-        if self.state.api_keys is not None and key not in self.state.api_keys:
-            raise _Reply(error(401, "API key not valid. Please pass a valid API key."))
-
-    async def _json(self, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise _Reply(error(400, f"Invalid JSON payload received. {exc}")) from None
-        if not isinstance(body, dict):
-            raise _Reply(error(400, "Invalid JSON payload received. Expected an object."))
-        return body
-
     def _done(self, endpoint: str, model: str | None, response: Response) -> Response:
-        self.state.record_call(endpoint, model, response.status_code)
-        return response
+        return done(self.state, endpoint, model, response)
 
     async def unknown(self, request: Request) -> Response:
         path = request.url.path
@@ -158,11 +124,42 @@ class EmulatorApp:
         return JSONResponse({"clock": self.state.stats()["clock"]})
 
     async def add_faults(self, request: Request) -> Response:
+        """`{"faults": [Fault...], "batch_faults": [BatchFault...]}`."""
         body = await request.json()
         faults = [Fault.model_validate(f) for f in body.get("faults", [])]
+        batch_faults = [BatchFault.model_validate(f) for f in body.get("batch_faults", [])]
         with self.state.lock:
             self.state.faults.extend(faults)
-        return JSONResponse({"faults": len(self.state.faults)})
+            self.state.batches.faults.extend(batch_faults)
+            counts = {
+                "faults": len(self.state.faults),
+                "batch_faults": len(self.state.batches.faults),
+            }
+        return JSONResponse(counts)
+
+    async def batch_config(self, request: Request) -> Response:
+        """GET or POST `{"queued_seconds", "pending_seconds", "running_seconds",
+        "expire_after_seconds", "inline_limit_bytes"}` (POST sets those given)."""
+        store = self.state.batches
+        if request.method == "POST":
+            body = await request.json()
+            with self.state.lock:
+                for name in ("queued_seconds", "pending_seconds", "running_seconds"):
+                    if name in body:
+                        setattr(store, name, float(body[name]))
+                if "expire_after_seconds" in body:
+                    store.expire_after = timedelta(seconds=float(body["expire_after_seconds"]))
+                if "inline_limit_bytes" in body:
+                    store.inline_limit_bytes = int(body["inline_limit_bytes"])
+        return JSONResponse(
+            {
+                "queued_seconds": store.queued_seconds,
+                "pending_seconds": store.pending_seconds,
+                "running_seconds": store.running_seconds,
+                "expire_after_seconds": store.expire_after.total_seconds(),
+                "inline_limit_bytes": store.inline_limit_bytes,
+            }
+        )
 
     # -- models/{model}:{action} ---------------------------------------------------------
 
@@ -170,11 +167,13 @@ class EmulatorApp:
         model, _, action = request.path_params["target"].rpartition(":")
         endpoint = action or "unknown"
         try:
-            self._check(request)
+            check(self.state, request)
             if action in ("generateContent", "streamGenerateContent"):
                 return await self._generate(request, model, stream=action != "generateContent")
+            if action == "batchGenerateContent":
+                return await self.batches.create(request, model)
             if action == "countTokens":
-                body = await self._json(request)
+                body = await read_json(request)
                 contents = body.get("contents") or pick(
                     pick(body, "generateContentRequest"), "contents"
                 )
@@ -182,58 +181,27 @@ class EmulatorApp:
                 details = [{"modality": "TEXT", "tokenCount": total}]
                 payload = {"totalTokens": total, "promptTokensDetails": details}
                 return self._done(endpoint, model, JSONResponse(payload))
-            raise _Reply(error(404, f"Method {action!r} not found for models/{model}."))
-        except _Reply as reply:
+            raise Reply(error(404, f"Method {action!r} not found for models/{model}."))
+        except Reply as reply:
             return self._done(endpoint, model, reply.response)
 
     async def _generate(self, request: Request, model: str, *, stream: bool) -> Response:
         endpoint = "streamGenerateContent" if stream else "generateContent"
         state = self.state
-        body = await self._json(request)
-        contents: list[dict[str, Any]] = body.get("contents") or []
-        prompt = last_user_text(contents)
+        body = await read_json(request)
+        tier = service_tier(body)
         call_number = state.next_generate_call()
+        if tier == "flex":
+            with state.lock:
+                state.flex_calls += 1
         if state.latency or state.latency_jitter:
             await asyncio.sleep(state.latency + random.uniform(0, state.latency_jitter))
-
-        cache_name = pick(body, "cachedContent")
-        cached_tokens = 0
-        cache_contents: list[dict[str, Any]] = []
-        if cache_name:
-            cache_id = str(cache_name).rsplit("/", 1)[-1]
-            full_name = f"cachedContents/{cache_id}"
-            cache = state.get_cache(full_name)
-            if cache is None and full_name in state.expired:
-                raise _Reply(error(400, f"Cache content {cache_id} is expired."))
-            if cache is None:
-                raise _Reply(error(404, f"CachedContent not found: {full_name}."))
-            if cache.model.removeprefix("models/") != model.removeprefix("models/"):
-                raise _Reply(
-                    error(400, f"Model {model} does not match the cache's model {cache.model}.")
-                )
-            if any(pick(body, k) for k in ("systemInstruction", "tools", "toolConfig")):
-                raise _Reply(
-                    error(
-                        400,
-                        "CachedContent can not be used with GenerateContent request setting "
-                        "system_instruction, tools or tool_config.\n\nProposed fix: move those "
-                        "values to CachedContent from GenerateContent request.",
-                    )
-                )
-            cached_tokens = cache.tokens
-            cache_contents = cache.contents
-
-        own_text = texts(contents) + texts(pick(body, "systemInstruction"))
-        own_tokens = sum(count_tokens(t) for t in own_text)
-        if body.get("tools"):
-            own_tokens += count_tokens(json.dumps(body["tools"]))
-        prompt_tokens = own_tokens + cached_tokens
-
-        wait = state.check_quota(prompt_tokens)
-        if wait is not None:
-            delay = math.ceil(wait)
-            raise _Reply(
-                error(
+        try:
+            prepared = self.generation.prepare(model, body)
+            wait = state.check_quota(prepared.prompt_tokens)
+            if wait is not None:
+                delay = math.ceil(wait)
+                raise ApiError(
                     429,
                     "You exceeded your current quota, please check your plan and billing details.",
                     details=[
@@ -244,211 +212,52 @@ class EmulatorApp:
                     ],
                     headers={"Retry-After": str(delay)},
                 )
+            fault = state.pick_fault(call_number, prepared.prompt, tier)
+            if fault is not None:
+                early = await self._transport_fault(fault)
+                if early is not None:
+                    return self._done(endpoint, model, early)
+            response_id = f"emu-{call_number}"
+            generated = self.generation.complete(
+                prepared,
+                fault,
+                tier,
+                response_id,
+                api_key=request.headers.get("x-goog-api-key", ""),
+                version=request.path_params.get("version", "v1beta"),
             )
+        except ApiError as failure:
+            raise Reply(failure.response()) from None
+        # The hosted API names the tier that served the call in this header.
+        headers: dict[str, str] = {"x-gemini-service-tier": tier}
+        if not stream or generated.candidate is None:
+            return self._done(endpoint, model, JSONResponse(generated.payload, headers=headers))
+        streamed = self._stream(generated.candidate, generated.usage, model, response_id, headers)
+        return self._done(endpoint, model, streamed)
 
-        fault = state.pick_fault(call_number, prompt)
-        if fault is not None:
-            early = await self._fault(fault, model, prompt_tokens, cached_tokens, request)
-            if early is not None:
-                return self._done(endpoint, model, early)
-
-        config = pick(body, "generationConfig") or {}
-        payload = self._answer(model, prompt, body, config, cache_contents, fault)
-        candidate = payload["candidate"]
-        output_tokens = payload["output_tokens"]
-        thinking = pick(config, "thinkingConfig") or {}
-        budget = pick(thinking, "thinkingBudget")
-        thoughts = min(int(budget), 16) if isinstance(budget, int) and budget > 0 else 0
-        usage: dict[str, Any] = {
-            "promptTokenCount": prompt_tokens,
-            "candidatesTokenCount": output_tokens,
-            "totalTokenCount": prompt_tokens + output_tokens + thoughts,
-            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
-        }
-        if thoughts:
-            usage["thoughtsTokenCount"] = thoughts
-        if cached_tokens:
-            usage["cachedContentTokenCount"] = cached_tokens
-        state.bill(model, prompt_tokens, cached_tokens, output_tokens + thoughts)
-        response_id = f"emu-{call_number}"
-        if not stream:
-            result = {
-                "candidates": [candidate],
-                "usageMetadata": usage,
-                "modelVersion": model,
-                "responseId": response_id,
-            }
-            return self._done(endpoint, model, JSONResponse(result))
-        return self._done(endpoint, model, self._stream(candidate, usage, model, response_id))
-
-    def _answer(
-        self,
-        model: str,
-        prompt: str,
-        body: dict[str, Any],
-        config: dict[str, Any],
-        cache_contents: list[dict[str, Any]],
-        fault: Fault | None,
-    ) -> dict[str, Any]:
-        invalid = fault is not None and fault.kind == "invalid_output"
-        custom = self.response_fn(model, prompt, body) if self.response_fn else None
-        function = forced_function(body)
-        schema = response_schema(config)
-        seed = f"{model}|{prompt}"
-        part: dict[str, Any]
-        if function is not None:
-            name, parameters = function
-            args = {} if invalid else (custom if isinstance(custom, dict) else None)
-            if args is None:
-                args = instance_for(parameters, seed)
-                if not isinstance(args, dict):
-                    args = {"response": args}
-            part = {"functionCall": {"name": name, "args": args}}
-            text_for_tokens = json.dumps(args)
-        else:
-            if invalid:
-                text = '{"unexpected": true}' if schema is not None else ""
-            elif custom is not None:
-                text = custom if isinstance(custom, str) else json.dumps(custom)
-            elif schema is not None or pick(config, "responseMimeType") == "application/json":
-                text = json.dumps(instance_for(schema or {"type": "object"}, seed))
-            else:
-                text = default_answer(model, prompt)
-            part = {"text": text}
-            text_for_tokens = text
-        output_tokens = count_tokens(text_for_tokens)
-        finish = "STOP"
-        limit = pick(config, "maxOutputTokens")
-        if isinstance(limit, int) and "text" in part and output_tokens > limit:
-            part = {"text": part["text"][: limit * 4]}
-            output_tokens, finish = limit, "MAX_TOKENS"
-        candidate = {
-            "content": {"parts": [part], "role": "model"},
-            "finishReason": finish,
-            "index": 0,
-            "safetyRatings": _SAFE_RATINGS,
-        }
-        return {"candidate": candidate, "output_tokens": output_tokens}
-
-    async def _fault(
-        self,
-        fault: Fault,
-        model: str,
-        prompt_tokens: int,
-        cached_tokens: int,
-        request: Request | None = None,
-    ) -> Response | None:
-        kind = fault.kind
-        if kind in ("401", "403", "404"):
-            return self._auth_fault(kind, model, request)
-        if kind == "429":
-            delay = fault.retry_after
-            return error(
-                429,
-                "You exceeded your current quota, please check your plan and billing details.",
-                details=[
-                    {
-                        "@type": "type.googleapis.com/google.rpc.RetryInfo",
-                        "retryDelay": f"{delay:g}s",
-                    }
-                ],
-                headers={"Retry-After": f"{math.ceil(delay)}"}
-                if fault.retry_after_header
-                else None,
-            )
-        if kind == "500":
-            return error(500, "An internal error has occurred. Please retry.")
-        if kind == "503":
-            return error(503, "The model is overloaded. Please try again later.")
-        if kind == "504":
-            return error(504, "The request timed out. Please try again.")
-        if kind == "400":
-            return error(400, "Request contains an invalid argument.")
-        if kind == "502_html":
+    @staticmethod
+    async def _transport_fault(fault: Fault) -> Response | None:
+        """Faults of the HTTP exchange itself (`slow` waits, then answers normally)."""
+        if fault.kind == "502_html":
             html = (
                 "<html><head><title>502 Bad Gateway</title></head><body>Bad Gateway</body></html>"
             )
             return Response(html, status_code=502, media_type="text/html")
-        if kind == "malformed_json":
+        if fault.kind == "malformed_json":
             return Response('{"candidates": [{"content": ', media_type="application/json")
-        if kind == "drop":
+        if fault.kind == "drop":
             return _DroppedConnection()
-        if kind == "slow":
+        if fault.kind == "slow":
             await asyncio.sleep(fault.delay)
-            return None
-        usage = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
-        if cached_tokens:
-            usage["cachedContentTokenCount"] = cached_tokens
-        if kind == "safety":
-            self.state.bill(model, prompt_tokens, cached_tokens, 0)
-            blocked = {
-                "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
-                "probability": "HIGH",
-                "blocked": True,
-            }
-            body = {
-                "candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": [blocked]}],
-                "usageMetadata": usage,
-                "modelVersion": model,
-            }
-            return JSONResponse(body)
-        if kind == "prompt_blocked":
-            self.state.bill(model, prompt_tokens, cached_tokens, 0)
-            body = {
-                "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
-                "usageMetadata": usage,
-                "modelVersion": model,
-            }
-            return JSONResponse(body)
-        return None  # invalid_output: handled while answering
-
-    @staticmethod
-    def _auth_fault(kind: str, model: str, request: Request | None) -> Response:
-        """401/403/404 as the hosted API sends them (its 403 quotes the caller's API key)."""
-        if kind == "401":
-            return error(
-                401,
-                "Request had invalid authentication credentials. Expected OAuth 2 access token, "
-                "login cookie or other valid authentication credential. See "
-                "https://developers.google.com/identity/sign-in/web/devconsole-project.",
-            )
-        headers = request.headers if request is not None else {}
-        if kind == "403":
-            consumer = f"api_key:{headers.get('x-goog-api-key', '')}"
-            message = f"Permission denied: Consumer '{consumer}' has been suspended."
-            return error(
-                403,
-                message,
-                details=[
-                    {
-                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                        "reason": "CONSUMER_SUSPENDED",
-                        "domain": "googleapis.com",
-                        "metadata": {
-                            "consumer": "projects/123456789012",
-                            "service": "generativelanguage.googleapis.com",
-                            "containerInfo": consumer,
-                        },
-                    },
-                    {
-                        "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
-                        "locale": "en-US",
-                        "message": message,
-                    },
-                ],
-            )
-        version = request.path_params.get("version", "v1beta") if request is not None else "v1beta"
-        name = model if model.startswith("models/") else f"models/{model}"
-        return error(
-            404,
-            f"{name} is not found for API version {version}, or is not supported for "
-            "generateContent. Call ListModels to see the list of available models and their "
-            "supported methods.",
-        )
+        return None
 
     @staticmethod
     def _stream(
-        candidate: dict[str, Any], usage: dict[str, Any], model: str, response_id: str
+        candidate: dict[str, Any],
+        usage: dict[str, Any],
+        model: str,
+        response_id: str,
+        headers: dict[str, str],
     ) -> Response:
         part = candidate["content"]["parts"][0]
         if part.get("text"):
@@ -481,23 +290,23 @@ class EmulatorApp:
             for frame in frames:
                 yield frame
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     # -- cachedContents ------------------------------------------------------------------
 
     async def caches(self, request: Request) -> Response:
         endpoint = "cachedContents.create" if request.method == "POST" else "cachedContents.list"
         try:
-            self._check(request)
+            check(self.state, request)
             if request.method == "GET":
                 return self._done(endpoint, None, self._list(request))
-            body = await self._json(request)
+            body = await read_json(request)
             model = str(body.get("model") or "")
             if not model:
-                raise _Reply(error(400, "model is required to create cached content."))
+                raise Reply(error(400, "model is required to create cached content."))
             display_name = pick(body, "displayName")
             if display_name is not None and len(display_name) > 128:
-                raise _Reply(error(400, "displayName must be at most 128 characters."))
+                raise Reply(error(400, "displayName must be at most 128 characters."))
             contents = body.get("contents") or []
             system = pick(body, "systemInstruction")
             tools = body.get("tools")
@@ -505,7 +314,7 @@ class EmulatorApp:
             if tools:
                 tokens += count_tokens(json.dumps(tools))
             if tokens < self.state.min_cache_tokens:
-                raise _Reply(
+                raise Reply(
                     error(
                         400,
                         f"Cached content is too small. total_token_count={tokens}, "
@@ -517,7 +326,7 @@ class EmulatorApp:
                 model, contents, system, tools, display_name, tokens, ttl, expire
             )
             return self._done(endpoint, model, JSONResponse(cache.resource()))
-        except _Reply as reply:
+        except Reply as reply:
             return self._done(endpoint, None, reply.response)
 
     def _list(self, request: Request) -> Response:
@@ -544,7 +353,7 @@ class EmulatorApp:
                 parse_rfc3339(expire) if expire is not None else None,
             )
         except ValueError as exc:
-            raise _Reply(error(400, f"Invalid ttl or expireTime: {exc}")) from None
+            raise Reply(error(400, f"Invalid ttl or expireTime: {exc}")) from None
 
     async def cache(self, request: Request) -> Response:
         name = f"cachedContents/{request.path_params['cache_id']}"
@@ -552,21 +361,21 @@ class EmulatorApp:
         endpoint = {"GET": "get", "PATCH": "update", "DELETE": "delete"}[method]
         endpoint = f"cachedContents.{endpoint}"
         try:
-            self._check(request)
+            check(self.state, request)
             if method == "GET":
                 cache = self.state.get_cache(name)
                 if cache is None:
-                    raise _Reply(error(404, f"CachedContent not found: {name}."))
+                    raise Reply(error(404, f"CachedContent not found: {name}."))
                 return self._done(endpoint, cache.model, JSONResponse(cache.resource()))
             if method == "DELETE":
                 if not self.state.delete_cache(name):
-                    raise _Reply(error(404, f"CachedContent not found: {name}."))
+                    raise Reply(error(404, f"CachedContent not found: {name}."))
                 return self._done(endpoint, None, JSONResponse({}))
-            body = await self._json(request)
+            body = await read_json(request)
             ttl, expire = self._expiry(body)
             updated = self.state.update_cache(name, ttl, expire)
             if updated is None:
-                raise _Reply(error(404, f"CachedContent not found: {name}."))
+                raise Reply(error(404, f"CachedContent not found: {name}."))
             return self._done(endpoint, updated.model, JSONResponse(updated.resource()))
-        except _Reply as reply:
+        except Reply as reply:
             return self._done(endpoint, None, reply.response)

@@ -8,18 +8,37 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import threading
-import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from prefect_batch_llm.gemini.pricing import gemini_prices
+from prefect_batch_llm.testing.emulator._clock import (
+    EmulatorClock,
+    parse_duration,
+    parse_rfc3339,
+    rfc3339,
+)
+from prefect_batch_llm.testing.emulator._jobs import BatchStore, FileStore
+
+__all__ = [
+    "PRICE_PATHS",
+    "Billing",
+    "CachedContent",
+    "EmulatorClock",
+    "EmulatorState",
+    "Fault",
+    "count_tokens",
+    "parse_duration",
+    "parse_rfc3339",
+    "rfc3339",
+    "stable_hash",
+]
 
 FaultKind = Literal[
     "429",
@@ -37,7 +56,15 @@ FaultKind = Literal[
     "prompt_blocked",
     "malformed_json",
     "invalid_output",
+    "flex_shed",
 ]
+#: Which calls a fault may hit: online calls by service tier, or a batch job's requests.
+FaultTier = Literal["any", "standard", "flex", "batch"]
+#: Faults about the HTTP exchange itself: they cannot happen to a request inside a batch job.
+TRANSPORT_FAULTS = frozenset({"slow", "drop", "502_html", "malformed_json"})
+#: Billing paths and their price as a fraction of the list price (Batch Mode and the Flex
+#: tier are billed at 50%; cached input tokens at 50% of the cached price too).
+PRICE_PATHS: dict[str, float] = {"standard": 1.0, "flex": 0.5, "batch": 0.5}
 
 
 def count_tokens(text: str) -> int:
@@ -56,52 +83,26 @@ class Fault(BaseModel):
     PERMISSION_DENIED "Consumer 'api_key:...' has been suspended", which, like the hosted
     service, quotes the request's API key (in the message and the ErrorInfo metadata); 404
     NOT_FOUND "models/... is not found for API version ...".
+
+    `tier` limits a fault to online calls of one service tier (`standard`, `flex`) or to the
+    requests of Batch Mode jobs (`batch`), where an error fault becomes that request's error
+    in the job's output (`safety`, `prompt_blocked` and `invalid_output` shape its response;
+    `slow`, `drop`, `502_html` and `malformed_json` never hit batch requests, and `on_calls`
+    counts online calls only). `flex_shed` answers only Flex-tier calls: 503 UNAVAILABLE
+    "This model is currently experiencing high demand...", the hosted API's overload answer.
+    `message` replaces an error fault's message.
     """
 
     kind: FaultKind = Field(description="What the emulator does instead of answering.")
     prompt_contains: str | None = Field(None, description="Only prompts containing this.")
     on_calls: list[int] | None = Field(None, description="Only these call numbers (1-based).")
     times: int | None = Field(None, ge=1, description="Fire at most this many times.")
+    tier: FaultTier = Field("any", description="Only online calls of this tier, or batch.")
+    message: str | None = Field(None, description="The error message, instead of the default.")
     retry_after: float = Field(2.0, ge=0, description="For 429: RetryInfo and Retry-After.")
     retry_after_header: bool = Field(True, description="For 429: send the Retry-After header.")
     delay: float = Field(30.0, ge=0, description="For slow: seconds before answering.")
     fired: int = Field(0, description="How many times the fault has fired so far.")
-
-
-class EmulatorClock:
-    """Wall-clock time plus an offset tests can advance ("fast-forward")."""
-
-    def __init__(self) -> None:
-        self._offset = 0.0
-
-    def now(self) -> float:
-        return time.time() + self._offset
-
-    def advance(self, seconds: float) -> None:
-        self._offset += seconds
-
-    def datetime(self) -> datetime:
-        return datetime.fromtimestamp(self.now(), UTC)
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_rfc3339(text: str) -> datetime:
-    cleaned = text.strip().replace("Z", "+00:00")
-    # Python 3.11 accepts at most 6 fractional digits; the API may send 9.
-    cleaned = re.sub(r"(\.\d{6})\d+", r"\1", cleaned)
-    moment = datetime.fromisoformat(cleaned)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def parse_duration(text: str) -> float:
-    """`"300s"` / `"1.5s"` -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(text))
-    if not match:
-        raise ValueError(f"invalid duration {text!r}; expected a string like '300s'")
-    return float(match.group(1))
 
 
 @dataclass
@@ -171,7 +172,18 @@ class EmulatorState:
     caches_updated: int = 0
     caches_expired: int = 0
     billing: Billing = field(default_factory=Billing)
+    flex_billing: Billing = field(default_factory=Billing)
+    batch_billing: Billing = field(default_factory=Billing)
+    flex_calls: int = 0
+    flex_shed: int = 0
+    price_factors: dict[str, float] = field(default_factory=lambda: dict(PRICE_PATHS))
     _recent: deque[tuple[float, int]] = field(default_factory=deque)
+    files: FileStore = field(init=False)
+    batches: BatchStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.files = FileStore(self.clock, self.lock)
+        self.batches = BatchStore(self.clock, self.lock, self.files)
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -185,10 +197,19 @@ class EmulatorState:
             self.generate_calls += 1
             return self.generate_calls
 
-    def pick_fault(self, call_number: int, prompt: str) -> Fault | None:
+    def pick_fault(
+        self, call_number: int | None, prompt: str, tier: str = "standard"
+    ) -> Fault | None:
+        """The first fault for this call (`call_number` None: a batch job's request)."""
         with self.lock:
             for fault in self.faults:
                 if fault.times is not None and fault.fired >= fault.times:
+                    continue
+                if fault.tier not in ("any", tier):
+                    continue
+                if fault.kind == "flex_shed" and tier != "flex":
+                    continue
+                if tier == "batch" and fault.kind in TRANSPORT_FAULTS:
                     continue
                 if fault.prompt_contains is not None and fault.prompt_contains not in prompt:
                     continue
@@ -216,16 +237,23 @@ class EmulatorState:
 
     # -- billing -------------------------------------------------------------------------
 
-    def bill(self, model: str, prompt_tokens: int, cached: int, output: int) -> None:
+    def bill(
+        self, model: str, prompt_tokens: int, cached: int, output: int, path: str = "standard"
+    ) -> None:
+        """Bill one answered request under a price path: `standard`, `flex` or `batch`."""
         price_in, price_out, price_cached, _ = gemini_prices(model)
         uncached = max(0, prompt_tokens - cached)
         with self.lock:
-            self.billing.input_tokens += uncached
-            self.billing.cached_tokens += cached
-            self.billing.output_tokens += output
-            self.billing.input_usd += uncached * price_in / 1e6
-            self.billing.cached_usd += cached * price_cached / 1e6
-            self.billing.output_usd += output * price_out / 1e6
+            factor = self.price_factors.get(path, 1.0)
+            billing = {"flex": self.flex_billing, "batch": self.batch_billing}.get(
+                path, self.billing
+            )
+            billing.input_tokens += uncached
+            billing.cached_tokens += cached
+            billing.output_tokens += output
+            billing.input_usd += uncached * price_in * factor / 1e6
+            billing.cached_usd += cached * price_cached * factor / 1e6
+            billing.output_usd += output * price_out * factor / 1e6
 
     def _bill_storage(self, cache: CachedContent, until: datetime) -> None:
         end = min(until, cache.expire_time)
@@ -236,7 +264,12 @@ class EmulatorState:
     # -- caches --------------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Drop caches whose expireTime has passed (remembered as expired)."""
+        """Drop caches whose expireTime has passed (remembered as expired).
+
+        Batch jobs due before now are finished first, so a job that ended while its cache
+        was live still used it.
+        """
+        self.batches.advance()
         with self.lock:
             now = self.clock.datetime()
             for name, cache in list(self.caches.items()):
@@ -328,6 +361,7 @@ class EmulatorState:
                 by_endpoint[endpoint] += n
                 by_status[status] += n
             b = self.billing
+            self.files.sweep()
             return {
                 "calls": dict(self.calls),
                 "calls_by_endpoint": dict(by_endpoint),
@@ -351,6 +385,15 @@ class EmulatorState:
                     "storage_usd": round(b.storage_usd, 8),
                     "total_usd": round(b.total_usd, 8),
                 },
+                "billed_by_path": {
+                    "standard": _billed(b),
+                    "flex": _billed(self.flex_billing),
+                    "batch": _billed(self.batch_billing),
+                },
+                "flex_calls": self.flex_calls,
+                "flex_shed": self.flex_shed,
+                "batches": self.batches.stats(),
+                "files": self.files.stats(),
                 "clock": rfc3339(self.clock.datetime()),
             }
 
@@ -361,7 +404,25 @@ class EmulatorState:
             self.caches_created = self.caches_deleted = 0
             self.caches_updated = self.caches_expired = 0
             self.billing = Billing()
+            self.flex_billing = Billing()
+            self.batch_billing = Billing()
+            self.flex_calls = self.flex_shed = 0
             self._recent.clear()
+        self.batches.reset_counters()
+        self.files.reset_counters()
+
+
+def _billed(billing: Billing) -> dict[str, Any]:
+    """Tokens and cost of one price path (cache storage is in `billed`, not here)."""
+    return {
+        "input_tokens": billing.input_tokens,
+        "cached_tokens": billing.cached_tokens,
+        "output_tokens": billing.output_tokens,
+        "input_usd": round(billing.input_usd, 8),
+        "cached_usd": round(billing.cached_usd, 8),
+        "output_usd": round(billing.output_usd, 8),
+        "total_usd": round(billing.input_usd + billing.cached_usd + billing.output_usd, 8),
+    }
 
 
 def stable_hash(*parts: str) -> str:

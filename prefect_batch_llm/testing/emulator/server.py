@@ -12,6 +12,7 @@ from typing import Any, Self
 import uvicorn
 
 from prefect_batch_llm.testing.emulator._app import EmulatorApp, ResponseFn
+from prefect_batch_llm.testing.emulator._jobs import BatchFault
 from prefect_batch_llm.testing.emulator._state import EmulatorClock, EmulatorState, Fault
 
 
@@ -20,8 +21,16 @@ class GeminiEmulator:
 
     The real `google-genai` and `pydantic-ai` clients talk to it over HTTP. It serves
     `models/{m}:generateContent`, `:streamGenerateContent?alt=sse`, `:countTokens` and
-    `cachedContents` create/get/list/update/delete under `/v1`, `/v1beta` and `/v1alpha`,
-    requires an `x-goog-api-key` header, bills tokens at list prices and can inject faults.
+    `cachedContents` create/get/list/update/delete, Batch Mode
+    (`models/{m}:batchGenerateContent`, `batches` get/list/cancel/delete) and the Files API
+    (resumable upload, get/list/delete/download) under `/v1`, `/v1beta` and `/v1alpha`,
+    requires an `x-goog-api-key` header, bills tokens at list prices (Batch Mode and the
+    Flex tier, `serviceTier: flex`, at 50% under their own price paths) and can inject faults.
+
+    Batch jobs run on the emulator's clock: queued for `batch_queued_seconds`, then
+    `BATCH_STATE_PENDING` for `batch_pending_seconds`, `BATCH_STATE_RUNNING` for
+    `batch_running_seconds`, then done; a job not done 48 hours after creation expires.
+    `emulator.clock.advance(seconds)` makes a job take hours instantly.
 
     Token rule: one token per 4 characters of text, rounded up, per part. Outputs are a
     pure function of model and prompt unless `response_fn` says otherwise.
@@ -50,6 +59,11 @@ class GeminiEmulator:
         faults: Scripted failures, see [`Fault`][prefect_batch_llm.testing.Fault].
         response_fn: `fn(model, prompt, request_body)` returning text, a JSON value for
             JSON/function-call requests, or None for the default answer.
+        batch_faults: Scripted Batch Mode job failures, see `BatchFault`.
+        batch_queued_seconds: Emulated seconds a new job is `JOB_STATE_QUEUED` (0: never).
+        batch_pending_seconds: Emulated seconds a job is `BATCH_STATE_PENDING`.
+        batch_running_seconds: Emulated seconds a job is `BATCH_STATE_RUNNING`.
+        batch_inline_limit_bytes: Largest `batchGenerateContent` body (20 MB, the API's).
     """
 
     def __init__(
@@ -65,6 +79,11 @@ class GeminiEmulator:
         min_cache_tokens: int = 1024,
         faults: Iterable[Fault] = (),
         response_fn: ResponseFn | None = None,
+        batch_faults: Iterable[BatchFault] = (),
+        batch_queued_seconds: float = 0.0,
+        batch_pending_seconds: float = 1.0,
+        batch_running_seconds: float = 2.0,
+        batch_inline_limit_bytes: int = 20 * 1024 * 1024,
     ) -> None:
         self.state = EmulatorState(
             api_keys=set(api_keys) if api_keys is not None else None,
@@ -75,6 +94,12 @@ class GeminiEmulator:
             tpm=tpm,
             faults=list(faults),
         )
+        batches = self.state.batches
+        batches.faults = list(batch_faults)
+        batches.queued_seconds = batch_queued_seconds
+        batches.pending_seconds = batch_pending_seconds
+        batches.running_seconds = batch_running_seconds
+        batches.inline_limit_bytes = batch_inline_limit_bytes
         self._host, self._port = host, port
         self._app = EmulatorApp(self.state, response_fn)
         self._server: uvicorn.Server | None = None
@@ -83,7 +108,8 @@ class GeminiEmulator:
 
     @property
     def clock(self) -> EmulatorClock:
-        """The emulator's clock; `clock.advance(seconds)` fast-forwards cache expiry."""
+        """The emulator's clock; `clock.advance(seconds)` fast-forwards cache expiry, batch
+        jobs and file expiry."""
         return self.state.clock
 
     @property
@@ -104,15 +130,41 @@ class GeminiEmulator:
         self._app.response_fn = fn
 
     def stats(self) -> dict[str, Any]:
-        """Calls by endpoint/model/status, caches created/deleted/live, billed tokens and cost."""
+        """Calls by endpoint/model/status; caches, batch jobs and files created/live; billed
+        tokens and cost per price path (`billed`: online standard tier and cache storage;
+        `billed_by_path`: `standard`, `flex`, `batch`)."""
         return self.state.stats()
 
     def add_fault(self, fault: Fault) -> None:
         with self.state.lock:
             self.state.faults.append(fault)
 
+    def add_batch_fault(self, fault: BatchFault) -> None:
+        with self.state.lock:
+            self.state.batches.faults.append(fault)
+
+    def configure_batches(
+        self,
+        *,
+        queued_seconds: float | None = None,
+        pending_seconds: float | None = None,
+        running_seconds: float | None = None,
+        inline_limit_bytes: int | None = None,
+    ) -> None:
+        """Change how long jobs created from now on stay in each state, or the inline limit."""
+        batches = self.state.batches
+        with self.state.lock:
+            if queued_seconds is not None:
+                batches.queued_seconds = queued_seconds
+            if pending_seconds is not None:
+                batches.pending_seconds = pending_seconds
+            if running_seconds is not None:
+                batches.running_seconds = running_seconds
+            if inline_limit_bytes is not None:
+                batches.inline_limit_bytes = inline_limit_bytes
+
     def reset(self) -> None:
-        """Zero the counters and billing (caches and faults stay)."""
+        """Zero the counters and billing (caches, jobs, files and faults stay)."""
         self.state.reset_counters()
 
     def start(self) -> Self:
