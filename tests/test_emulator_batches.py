@@ -292,8 +292,8 @@ def test_a_payload_above_the_inline_limit_needs_the_file_path():
     ("setup", "advance", "state"),
     [
         ({"batch_queued_seconds": 60}, 0, "JOB_STATE_QUEUED"),
-        ({"batch_queued_seconds": 60}, 60.5, "JOB_STATE_PENDING"),
-        ({}, 1.5, "JOB_STATE_RUNNING"),
+        ({"batch_queued_seconds": 60, "batch_pending_seconds": 60}, 90, "JOB_STATE_PENDING"),
+        ({"batch_running_seconds": 60}, 30, "JOB_STATE_RUNNING"),
         ({}, 5, "JOB_STATE_SUCCEEDED"),
         ({"batch_faults": [BatchFault(kind="fail", message="boom")]}, 5, "JOB_STATE_FAILED"),
         ({"batch_faults": [BatchFault(kind="expire")]}, 47 * HOUR, "JOB_STATE_RUNNING"),
@@ -620,7 +620,9 @@ def test_captured_batch_and_file_requests_get_well_formed_answers():
     uploads: dict[str, str] = {}  # captured upload path -> the emulator's upload URL
     replayed = 0
     with (
-        GeminiEmulator(min_cache_tokens=1) as emulator,
+        GeminiEmulator(
+            min_cache_tokens=1, batch_pending_seconds=10, batch_running_seconds=20
+        ) as emulator,
         httpx.Client(base_url=emulator.base_url, timeout=10) as http,
     ):
         for probe in ("probe3", "probe6"):
@@ -651,7 +653,7 @@ def test_captured_batch_and_file_requests_get_well_formed_answers():
                     content = raw.encode()
                 if not request["path"].startswith("/resumable/"):
                     if request["method"] == "GET" and "/batches/" in path:
-                        emulator.clock.advance(1.5)  # the captured jobs' pace
+                        emulator.clock.advance(15)  # the captured jobs' pace
                     headers["x-goog-api-key"] = "k"
                     headers["content-type"] = "application/json"
                     response = http.request(
