@@ -13,6 +13,11 @@ on that answer only, so one classifier decides for every strategy that uses it:
 | `cache_expired` | yes, does not use attempts  | none (strategy renews the cache)       |
 | `permanent`     | no                          | -                                      |
 | `content_filter`| no                          | -                                      |
+
+The engine gives its own categories to items it stops: `prepare_failed` (the strategy's
+`prepare()` failed for good), `batch_timeout`, `aborted` (`on_result` raised),
+`invalid_input` (not an item, a duplicate id, a bad input line) and `budget_exceeded` (the
+budget cap `ProcessorConfig.max_cost_usd` stopped the batch before the item started).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ErrorCategory(StrEnum):
     BATCH_TIMEOUT = "batch_timeout"
     INVALID_INPUT = "invalid_input"
     ABORTED = "aborted"
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any, Generic, Self, TypedDict, TypeVar, cast
 from prefect import flow
 from prefect.context import FlowRunContext
 
+from prefect_batch_llm._budget import Budget, missing_pricing_message
 from prefect_batch_llm._engine import (
     BatchRun,
     BatchRuntime,
@@ -19,11 +20,12 @@ from prefect_batch_llm._engine import (
     Source,
     StrategyLifecycle,
 )
-from prefect_batch_llm._events import emit_batch_event
+from prefect_batch_llm._events import cooldown_event_emitter, emit_batch_event
 from prefect_batch_llm._reporting import BatchReport, quiet_item_logs
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import ErrorClassifier
 from prefect_batch_llm.items import LLMWorkItem
+from prefect_batch_llm.metrics import metrics_for_current_flow_run
 from prefect_batch_llm.results import BatchResult, ModelPricing, WorkItemResult
 
 TInput = TypeVar("TInput")
@@ -49,6 +51,10 @@ class ProcessingStats(TypedDict):
     total_tokens: int
     start_time: float | None
     duration: float
+    latency_p50_seconds: float | None
+    latency_p95_seconds: float | None
+    latency_p99_seconds: float | None
+    cooldown_seconds: float
 
 
 class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
@@ -78,7 +84,8 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             by `batch_timeout`. If it raises, the batch stops: no new item starts, items in
             flight finish and are accounted, every item not run gets an `aborted` result,
             and `process_all()` raises `ResultHandlerError` (its `result` holds the totals).
-        pricing: Prices for the cost line of the batch report artifact.
+        pricing: Prices for the cost line of the batch report artifact, and for the budget
+            cap (`ProcessorConfig.max_cost_usd` needs them: refused without).
         destination: Where the caller writes the results (shown in the report and event).
         report_details: Rows at the top of the report artifact, e.g. `{"Input": path,
             "Strategy": "gemini-cached-strategy/handbook-qa", "Model": "gemini-2.5-flash"}`.
@@ -103,6 +110,8 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         self._classifier = error_classifier
         self._on_result = on_result
         self._pricing = pricing
+        if self.config.max_cost_usd is not None and pricing is None:
+            raise ValueError(missing_pricing_message(self.config.max_cost_usd))
         self._items: list[LLMWorkItem[TInput, TOutput, TContext]] = []
         self._ids: set[str] = set()
         self._started = False
@@ -225,7 +234,13 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
 
     async def _run(self, source: Source) -> BatchResult[TOutput, TContext]:
         config = self.config
-        runtime = BatchRuntime(config, self._lifecycle, self._classifier, self._stats)
+        runtime = BatchRuntime(
+            config,
+            self._lifecycle,
+            self._classifier,
+            self._stats,
+            on_cooldown=cooldown_event_emitter(),
+        )
         report = BatchReport(
             artifacts=config.report_artifacts,
             progress_bar=config.progress_bar,
@@ -234,13 +249,18 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             details=self._report_details,
             failed_first=config.report_failed_first,
         )
-        batch_run = BatchRun(source, runtime, report, self._on_result)
+        budget = Budget.for_batch(config, self._pricing, self._stats)
+        batch_run = BatchRun(source, runtime, report, self._on_result, budget)
+        metrics = metrics_for_current_flow_run(config, self._stats, self._pricing)
+        await metrics.start()
         try:
             with quiet_item_logs(config.quiet_item_logs):
                 batch = await batch_run.run()
         except ResultHandlerError as error:
             await self._conclude(report, error.result, aborted=str(error))
             raise
+        finally:
+            await metrics.finish()  # the final values, whatever ended the batch
         batch.max_failed_fraction = config.max_failed_fraction
         await self._conclude(report, batch)
         return batch
@@ -275,4 +295,8 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
             total_tokens=stats.input_tokens + stats.output_tokens,
             start_time=stats.started_at_wall,
             duration=(end - stats.started_at) if stats.started_at is not None else 0.0,
+            latency_p50_seconds=stats.latency.percentile(0.5),
+            latency_p95_seconds=stats.latency.percentile(0.95),
+            latency_p99_seconds=stats.latency.percentile(0.99),
+            cooldown_seconds=stats.cooldown_seconds,
         )

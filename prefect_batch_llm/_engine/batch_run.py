@@ -25,6 +25,7 @@ from uuid import UUID
 from prefect import Task
 from prefect.context import FlowRunContext
 
+from prefect_batch_llm._budget import Budget
 from prefect_batch_llm._engine.attempts import ItemRun
 from prefect_batch_llm._engine.chunks import Chunk, chunk_task
 from prefect_batch_llm._engine.runtime import BatchRuntime
@@ -95,8 +96,11 @@ class BatchRun:
         runtime: BatchRuntime,
         report: BatchReport,
         on_result: OnResult | None,
+        budget: Budget | None = None,
     ) -> None:
         self.source = source
+        self.budget = budget
+        self._budget_stopped = False
         self.runtime = runtime
         self.config = runtime.config
         self.report = report
@@ -120,23 +124,47 @@ class BatchRun:
 
     # -- taking items ----------------------------------------------------------------------
 
-    async def _take(self) -> tuple[int, ItemRun] | None:
-        """The next item to run; ids seen before and non-items become failed results."""
+    async def _take(self, *, may_wait: bool = True) -> tuple[int, ItemRun] | None:
+        """The next item to run; ids seen before and non-items become failed results.
+
+        Under a budget cap, the item must be admitted first; a worker that may not wait (a
+        chunk worker holding items not yet running) gets None when the budget says wait."""
         while self._stopped is None:
             await self._room.acquire()
+            if not await self._admit(may_wait):
+                self._room.release()
+                return None
             taken = await self.source.next()
             if taken is None:
                 self._room.release()
+                self._unadmit()
                 return None
             index, item = taken
             rejected = self._reject(index, item)
             if rejected is not None:
+                self._unadmit()
                 self._hand_back(index, rejected)
                 continue
             run = ItemRun(item, self.runtime)
             self.taken[index] = run
             return index, run
         return None
+
+    async def _admit(self, may_wait: bool) -> bool:
+        """Whether the budget cap lets one more item start (always, without a cap)."""
+        if self.budget is None:
+            return True
+        admitted = await self.budget.admit(may_wait=may_wait)
+        if admitted and self._stopped is not None:  # stopped while this worker waited
+            self._unadmit()
+            return False
+        if admitted is False and self._stopped is None:
+            self._stopped, self._budget_stopped = self.budget.stop_message(), True
+        return bool(admitted)
+
+    def _unadmit(self) -> None:
+        if self.budget is not None:
+            self.budget.unused()
 
     def _reject(self, index: int, item: Any) -> WorkItemResult[Any, Any] | None:
         if not isinstance(item, LLMWorkItem):
@@ -164,7 +192,9 @@ class BatchRun:
         self, index: int, result: WorkItemResult[Any, Any], task_run_id: str | None = None
     ) -> None:
         """A final result: off the taken set and into the inbox (never blocks)."""
-        self.taken.pop(index, None)
+        run = self.taken.pop(index, None)
+        if run is not None and self.budget is not None:
+            self.budget.done(result)
         self._inbox.put_nowait((index, result, task_run_id))
 
     # -- executing them --------------------------------------------------------------------
@@ -201,7 +231,7 @@ class BatchRun:
         size = self.config.items_per_task or 1
         while True:
             items: list[tuple[int, ItemRun]] = []
-            while len(items) < size and (taken := await self._take()) is not None:
+            while len(items) < size and (taken := await self._take(may_wait=not items)):
                 items.append(taken)
             if not items:
                 return
@@ -272,9 +302,12 @@ class BatchRun:
         finally:
             stats.finished_at = time.monotonic()
             self._forget.prune()
+            self.runtime.close()  # a rate-limit storm still open ends with the batch
         self._kept.sort(key=lambda pair: pair[0])
         batch: BatchResult[Any, Any] = BatchResult(
-            results=[result for _, result in self._kept], totals=stats.results
+            results=[result for _, result in self._kept],
+            totals=stats.results,
+            call_totals=stats.call_totals(),
         )
         batch.duration = stats.finished_at - stats.started_at
         if self._handler_error is not None:
@@ -312,9 +345,11 @@ class BatchRun:
             )
 
     def _stop_category(self) -> str:
-        if self._handler_error is None:
-            return ErrorCategory.BATCH_TIMEOUT
-        return ErrorCategory.ABORTED
+        if self._handler_error is not None:
+            return ErrorCategory.ABORTED
+        if self._budget_stopped:
+            return ErrorCategory.BUDGET_EXCEEDED
+        return ErrorCategory.BATCH_TIMEOUT
 
     def _finish_unfinished(self) -> None:
         """After the workers stopped: a result for every item taken and not finished."""
@@ -330,14 +365,22 @@ class BatchRun:
         message = self._stopped
         if self._handler_error is not None:
             message = f"the batch stopped before this item ran: {message}"
+        not_started = 0
         while True:
             await self._room.acquire()
             taken = await self.source.next()
             if taken is None:
                 self._room.release()
-                return
+                break
             index, item = taken
             rejected = self._reject(index, item)
             if rejected is None:
+                not_started += 1
                 rejected = ItemRun(item, self.runtime).fail(message, self._stop_category())
             self._hand_back(index, rejected)
+        if self._budget_stopped and not_started:
+            logger.error(
+                "%d item(s) not started (category budget_exceeded). %s",
+                not_started,
+                message,
+            )
