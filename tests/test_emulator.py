@@ -19,7 +19,8 @@ from prefect_batch_llm.gemini import GeminiErrorClassifier
 from prefect_batch_llm.testing import Fault, GeminiEmulator, count_tokens
 
 CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "notes" / "sdk-captures"
-# Batch Mode and file upload (probes 3 and 6) are not emulated yet.
+# Batch Mode and the Files API (probes 3 and 6) are replayed, in order, by
+# tests/test_emulator_batches.py::test_captured_batch_and_file_requests_get_well_formed_answers.
 UNSUPPORTED = re.compile(r"/(batches|files|upload)\b|:batchGenerateContent")
 
 
