@@ -65,16 +65,33 @@ def add_usage(total: TokenUsage, extra: TokenUsage) -> None:
         counts[key] = counts.get(key, 0) + cast(int, value)
 
 
+#: Price paths of a provider call: the standard online price, the Flex service tier and
+#: provider Batch Mode (both billed at about half price by Gemini).
+PRICE_PATHS: tuple[str, ...] = ("standard", "flex", "batch")
+
+
 @dataclass(frozen=True)
 class ModelPricing:
-    """List prices in US dollars per million tokens.
+    """List prices in US dollars per million tokens, with the discounted paths' own prices.
 
     `cached_input_per_million` defaults to 10% of the input price (Gemini's cached rate).
+    `flex` and `batch` are the prices of calls made on the Flex tier and in Batch Mode;
+    without them, those calls are priced at this (standard) price.
     """
 
     input_per_million: float
     output_per_million: float
     cached_input_per_million: float | None = None
+    flex: ModelPricing | None = None
+    batch: ModelPricing | None = None
+
+    def for_path(self, path: str) -> ModelPricing:
+        """The prices of calls on `path` (`standard`, `flex` or `batch`)."""
+        if path == "flex" and self.flex is not None:
+            return self.flex
+        if path == "batch" and self.batch is not None:
+            return self.batch
+        return self
 
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
         """Dollars for these tokens; `input_tokens` includes `cached_tokens`."""
