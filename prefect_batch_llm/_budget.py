@@ -92,8 +92,7 @@ class Budget:
 
     def spent(self) -> float:
         """Dollars billed so far, every attempt included."""
-        stats = self.stats
-        return self.pricing.cost(stats.input_tokens, stats.output_tokens, stats.cached_input_tokens)
+        return self.stats.cost(self.pricing)
 
     def per_item(self) -> float | None:
         """The projected cost of one item."""
@@ -133,13 +132,8 @@ class Budget:
         towards the projection (items an earlier run completed made none and cost nothing)."""
         self.in_flight -= 1
         if result.attempts > 0:
-            usage = result.token_usage
             self.finished += 1
-            self._finished_cost += self.pricing.cost(
-                usage.get("input_tokens", 0),
-                usage.get("output_tokens", 0),
-                usage.get("cached_input_tokens", 0),
-            )
+            self._finished_cost += sum(self.pricing.cost_by_path(result.usage_per_path()).values())
         self._notify()
 
     def _notify(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -90,6 +91,22 @@ class ProcessorConfig(BaseModel):
         le=1.0,
         description="Largest fraction of items (0.0 to 1.0) that may fail before the batch "
         "counts as failed. A batch in which every item failed always counts as failed.",
+    )
+    # -- provider Batch Mode (docs/guides/half-price.md) --
+    batch_poll_interval_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Batch Mode: seconds between the first polls of a job (growing 1.5x per "
+        "poll up to batch_poll_max_interval_seconds).",
+    )
+    batch_poll_max_interval_seconds: float = Field(
+        600.0, gt=0, description="Batch Mode: the longest wait between two polls of a job."
+    )
+    batch_retry: Literal["online", "batch"] = Field(
+        "online",
+        description="Batch Mode: retry failed or unanswered requests online (now, at the "
+        "standard price) or in another batch job (half price, hours later; up to "
+        "retry.max_attempts jobs, then online).",
     )
     # -- budget cap (docs/guides/cost.md) --
     max_cost_usd: float | None = Field(

@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
@@ -129,6 +129,23 @@ async def _chosen_strategy(strategy: StrategyParameter) -> tuple[LLMCallStrategy
     return strategy, f"{strategy.get_block_type_slug()}/{name}"
 
 
+Execution = Literal["standard", "flex", "batch"]
+
+
+def _on_path(strategy: LLMCallStrategy[Any], execution: Execution | None) -> LLMCallStrategy[Any]:
+    """The strategy with its execution path replaced for this run (the block is unchanged)."""
+    if execution is None:
+        return strategy
+    if not isinstance(strategy, GeminiStrategy):
+        if execution == "standard":
+            return strategy
+        raise ValueError(
+            f"execution={execution!r}: only Gemini strategies run on the flex or batch path; "
+            f"{type(strategy).__name__} calls online. Leave execution empty."
+        )
+    return strategy.model_copy(update={"execution": execution})
+
+
 def _artifact_key_for(input: str) -> str:
     """`batch-llm-<deployment name>`, or `batch-llm-<input file name>` outside a deployment."""
     name = deployment.name or PurePosixPath(input.split("?", 1)[0]).stem
@@ -170,6 +187,7 @@ async def batch_llm(
     config: FlowConfig = DEFAULT_FLOW_CONFIG,
     fresh: bool = False,
     preview: bool = False,
+    execution: Execution | None = None,
 ) -> dict[str, Any]:
     """Run every line of a JSONL or CSV file through a saved strategy block.
 
@@ -188,6 +206,9 @@ async def batch_llm(
         fresh: Recompute every item even if an earlier run completed it.
         preview: Only project the cost (prompt tokens counted, sampled above 200 items; with
             and without the context cache) and return it: no generate call, nothing billed.
+        execution: How the calls are made for this run: standard (online, full price), flex
+            (online on Gemini's Flex tier, half price, best effort) or batch (Gemini Batch
+            Mode jobs, half price, results within 24 hours). Empty: the strategy's setting.
 
     Returns:
         A compact summary: counts, tokens, cache hit rate, cost, duration, output path.
@@ -211,6 +232,7 @@ async def batch_llm(
             "check the path and the file's contents."
         )
     chosen, strategy_name = await _chosen_strategy(strategy)
+    chosen = _on_path(chosen, execution)
     updates: dict[str, Any] = {"artifact_key": config.artifact_key or _artifact_key_for(input)}
     if fresh:
         updates["refresh_cache"] = True
@@ -231,6 +253,7 @@ async def batch_llm(
         "Input": _absolute(input),
         "Strategy": strategy_name,
         "Model": str(getattr(chosen, "model", None) or type(chosen).__name__),
+        "Execution": str(getattr(chosen, "execution", "standard")),
         "Output": where,
     }
     started = time.monotonic()

@@ -129,12 +129,7 @@ class BatchCollector:
 
         if self._pricing is not None:
             cost = self._counter("estimated_cost_usd", "Estimated cost at list prices, USD.")
-            cost.add_metric(
-                values,
-                self._pricing.cost(
-                    stats.input_tokens, stats.output_tokens, stats.cached_input_tokens
-                ),
-            )
+            cost.add_metric(values, stats.cost(self._pricing))
             yield cost
 
         yield self._histogram(latency, values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypedDict, TypeVar, cast
 
@@ -107,6 +108,18 @@ class ModelPricing:
             + output_tokens * self.output_per_million
         ) / 1_000_000
 
+    def cost_of(self, usage: TokenUsage) -> float:
+        """Dollars for a `TokenUsage` mapping billed at these prices."""
+        return self.cost(
+            usage.get("input_tokens", 0),
+            usage.get("output_tokens", 0),
+            usage.get("cached_input_tokens", 0),
+        )
+
+    def cost_by_path(self, usage_by_path: Mapping[str, TokenUsage]) -> dict[str, float]:
+        """Dollars per price path, each path's tokens at that path's prices."""
+        return {path: self.for_path(path).cost_of(usage) for path, usage in usage_by_path.items()}
+
 
 @dataclass
 class WorkItemResult(Generic[TOutput, TContext]):
@@ -124,6 +137,8 @@ class WorkItemResult(Generic[TOutput, TContext]):
         context: The work item's context, passed through.
         retries_by_category: How many retries each error category caused.
         duration: Seconds from the item's first attempt to its result.
+        usage_by_path: `token_usage` split by the price path of each call (`standard`,
+            `flex`, `batch`); empty means every call was on the standard path.
     """
 
     item_id: str
@@ -137,6 +152,13 @@ class WorkItemResult(Generic[TOutput, TContext]):
     context: TContext | None = None
     retries_by_category: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
+    usage_by_path: dict[str, TokenUsage] = field(default_factory=dict)
+
+    def usage_per_path(self) -> dict[str, TokenUsage]:
+        """Tokens per price path (all `standard` when the calls were not split by path)."""
+        if self.usage_by_path:
+            return self.usage_by_path
+        return {"standard": self.token_usage} if self.token_usage else {}
 
 
 class LatencyHistogram:
@@ -272,6 +294,8 @@ class ResultTotals:
     attempted_items: int = 0
     total_attempts: int = 0
     max_attempts: int = 0
+    #: Tokens per price path (`standard`, `flex`, `batch`).
+    usage_by_path: dict[str, TokenUsage] = field(default_factory=dict)
 
     def add(self, result: WorkItemResult[Any, Any]) -> None:
         self.total_items += 1
@@ -288,6 +312,8 @@ class ResultTotals:
         self.total_output_tokens += result.token_usage.get("output_tokens", 0)
         self.total_cached_tokens += result.token_usage.get("cached_input_tokens", 0)
         self.retries_by_category.update(result.retries_by_category)
+        for path, usage in result.usage_per_path().items():
+            add_usage(self.usage_by_path.setdefault(path, TokenUsage()), usage)
 
 
 @dataclass(frozen=True)
@@ -401,10 +427,24 @@ class BatchResult(Generic[TOutput, TContext]):
         return self.total_input_tokens - discount
 
     def estimated_cost(self, pricing: ModelPricing) -> float:
-        """Dollars for every token billed in this batch, failed attempts included."""
-        return pricing.cost(
-            self.total_input_tokens, self.total_output_tokens, self.total_cached_tokens
+        """Dollars for every token billed in this batch, failed attempts included, each
+        call's tokens at the prices of its path (standard, flex or batch)."""
+        return sum(self.cost_by_path(pricing).values())
+
+    def usage_by_path(self) -> dict[str, TokenUsage]:
+        """Tokens per price path (`standard`, `flex`, `batch`)."""
+        if self.totals is not None and self.totals.usage_by_path:
+            return self.totals.usage_by_path
+        usage = TokenUsage(
+            input_tokens=self.total_input_tokens,
+            output_tokens=self.total_output_tokens,
+            cached_input_tokens=self.total_cached_tokens,
         )
+        return {"standard": usage} if any(usage.values()) else {}
+
+    def cost_by_path(self, pricing: ModelPricing) -> dict[str, float]:
+        """Dollars per price path."""
+        return pricing.cost_by_path(self.usage_by_path())
 
     def errors_by_category(self) -> dict[str, int]:
         """How many items failed with each category."""
@@ -462,8 +502,14 @@ class BatchResult(Generic[TOutput, TContext]):
             "rate_limited_calls": calls.rate_limited_calls,
             "cooldown_seconds": round(calls.cooldown_seconds, 3),
         }
+        paths = self.usage_by_path()
+        digest["price_paths"] = sorted(paths)
         if pricing is not None:
             digest["estimated_cost_usd"] = round(self.estimated_cost(pricing), 6)
+            if set(paths) - {"standard"}:
+                digest["cost_by_path_usd"] = {
+                    path: round(cost, 6) for path, cost in self.cost_by_path(pricing).items()
+                }
         return digest
 
 

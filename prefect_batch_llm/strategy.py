@@ -12,7 +12,7 @@ import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import GetJsonSchemaHandler, HttpUrl, model_validator
@@ -24,7 +24,15 @@ from prefect_batch_llm._unknown_args import check_arguments, lenient_arguments, 
 from prefect_batch_llm.errors import ErrorClassifier
 from prefect_batch_llm.results import TokenUsage
 
+if TYPE_CHECKING:
+    from prefect_batch_llm.batch_mode import BatchJobs
+
 TOutput = TypeVar("TOutput")
+
+#: The `RetryState` key under which `execute()` records the price path of the call it makes
+#: (`standard`, `flex`; calls that do not record one are `standard`). The processor prices
+#: each call's tokens at its path's prices.
+PRICE_PATH = "price_path"
 
 # What `execute()` returns: (output, usage) or (output, usage, metadata).
 ExecuteResult = tuple[Any, TokenUsage] | tuple[Any, TokenUsage, dict[str, Any]]
@@ -135,6 +143,14 @@ class LLMCallStrategy(ABC, Generic[TOutput]):
         """What `execute()` returns under `ProcessorConfig(dry_run=True)`: no call, no tokens."""
         text = prompt if isinstance(prompt, str) else repr(prompt)
         return f"[dry-run] {text[:80]}", TokenUsage(input_tokens=0, output_tokens=0)
+
+    def batch_jobs(self) -> BatchJobs | None:
+        """This strategy's provider Batch Mode, when its items run as batch jobs.
+
+        The default, None, runs every attempt online through `execute()`. Gemini strategies
+        return their Batch Mode when `execution="batch"`.
+        """
+        return None
 
     def rate_limit_scope(self) -> str:
         """Strategies returning the same scope share one rate-limit cooldown and pacing.
@@ -279,6 +295,7 @@ def unpack_execute_result(result: Any, *, source: str) -> tuple[Any, Any, dict[s
 
 
 __all__ = [
+    "PRICE_PATH",
     "ExecuteResult",
     "LLMCallStrategy",
     "RetryState",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from prefect.context import TaskRunContext
@@ -39,7 +39,13 @@ from prefect_batch_llm.results import (
     add_usage,
     validate_token_usage,
 )
-from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, unpack_execute_result
+from prefect_batch_llm.strategy import (
+    PRICE_PATH,
+    ExecuteResult,
+    LLMCallStrategy,
+    RetryState,
+    unpack_execute_result,
+)
 
 logger = logging.getLogger("prefect_batch_llm")
 
@@ -103,6 +109,13 @@ class ItemRun:
         self.error: str | None = None
         self.error_category: str | None = None
         self.task_run_id: str | None = None
+        self.usage_by_path: dict[str, TokenUsage] = {}
+        #: Outcomes of this item's requests in provider batch jobs, not yet taken as attempts.
+        self._answered: deque[ExecuteResult | Exception] = deque()
+        #: The attempts are over (decided outside the item's task, in batch jobs).
+        self.settled = False
+        self._last_failure: str | None = None
+        self._path = "standard"
 
     @property
     def attempt_number(self) -> int:
@@ -110,26 +123,52 @@ class ItemRun:
 
     # -- one attempt -----------------------------------------------------------------------
 
+    def answered(self, outcome: ExecuteResult | Exception) -> None:
+        """A provider batch job answered this item: its next attempt takes this outcome
+        instead of calling (priced on the batch path)."""
+        if self.started is None:
+            self.started = time.monotonic()  # no total deadline: the job took what it took
+        self._answered.append(outcome)
+
     async def attempt(self) -> Any:
         """Make one attempt; return the output or raise `ItemAttemptFailed`."""
         config = self.runtime.config
         strategy = self.item.strategy
         now = time.monotonic()
+        if self.task_run_id is None:
+            context = TaskRunContext.get()
+            if context is not None:
+                self.task_run_id = str(context.task_run.id)
+        if self.settled:  # decided in batch jobs: the task run only reports it
+            if self.success:
+                return self.output
+            raise ItemAttemptFailed(self._last_failure or self.error or "failed")
         if self.started is None:
             self.started = now
             if config.total_timeout_per_item is not None:
                 self.deadline = now + config.total_timeout_per_item
-            context = TaskRunContext.get()
-            if context is not None:
-                self.task_run_id = str(context.task_run.id)
+        self._path = "standard"
         try:
-            if self.not_before > now:
-                await asyncio.sleep(self.not_before - now)
-            if config.dry_run:
+            if self._answered:
+                self._path = "batch"
+                self.calls += 1
+                self.runtime.stats.calls += 1
+                raw = self._answered.popleft()
+                if isinstance(raw, Exception):
+                    raise raw
+            elif config.dry_run:
+                if self.not_before > now:
+                    await asyncio.sleep(self.not_before - now)
                 self.calls += 1
                 raw = await strategy.dry_run(self.item.prompt)
             else:
-                raw = await self._within_deadline(self._execute(strategy))
+                if self.not_before > now:
+                    await asyncio.sleep(self.not_before - now)
+                self.state.delete(PRICE_PATH)
+                try:
+                    raw = await self._within_deadline(self._execute(strategy))
+                finally:
+                    self._path = str(self.state.get(PRICE_PATH, "standard"))
             output, usage, metadata = unpack_execute_result(
                 raw, source=f"{type(strategy).__name__}.execute()"
             )
@@ -141,10 +180,18 @@ class ItemRun:
             raise
         except Exception as exc:
             raise await self._after_failure(exc) from None
-        add_usage(self.usage, usage)
-        self.runtime.stats.record_usage(usage)
+        self._record(usage)
         self.success, self.output, self.metadata = True, output, metadata
+        if self._path != "standard":
+            self.metadata = {**metadata, "price_path": self._path}
         return output
+
+    def _record(self, usage: TokenUsage) -> None:
+        """Tokens of one call, on the price path it was made on."""
+        add_usage(self.usage, usage)
+        if usage:
+            add_usage(self.usage_by_path.setdefault(self._path, TokenUsage()), usage)
+        self.runtime.stats.record_usage(usage, self._path)
 
     async def _within_deadline(self, call: Any) -> Any:
         """Everything an attempt waits for (prepare, cooldown, pacing, the call) ends at the
@@ -230,9 +277,7 @@ class ItemRun:
 
     async def _after_failure(self, exc: Exception) -> ItemAttemptFailed:
         runtime, config = self.runtime, self.runtime.config
-        usage = token_usage_of(exc)
-        add_usage(self.usage, usage)
-        runtime.stats.record_usage(usage)
+        self._record(token_usage_of(exc))
         info = self._classify(exc)
         category = str(info.error_category)
         runtime.stats.error_counts[category] += 1
@@ -275,8 +320,9 @@ class ItemRun:
             error,
             explanation,
         )
+        self._last_failure = f"{category}: {error} [{explanation}]"
         return ItemAttemptFailed(
-            f"{category}: {error} [{explanation}]",
+            self._last_failure,
             retry=decision.retry,
             in_place=decision.budget in _IN_PLACE_BUDGETS,
         )
@@ -325,6 +371,7 @@ class ItemRun:
             "context": self.item.context,
             "retries_by_category": dict(self.retries_by_category),
             "duration": duration,
+            "usage_by_path": self.usage_by_path if set(self.usage_by_path) - {"standard"} else {},
         }
         if self.success:
             return WorkItemResult(

@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from uuid import UUID
@@ -28,6 +29,7 @@ from prefect.context import FlowRunContext
 from prefect_batch_llm._budget import Budget
 from prefect_batch_llm._engine.attempts import ItemRun
 from prefect_batch_llm._engine.chunks import Chunk, chunk_task
+from prefect_batch_llm._engine.provider_batch import ProviderBatch
 from prefect_batch_llm._engine.runtime import BatchRuntime
 from prefect_batch_llm._engine.source import Source
 from prefect_batch_llm._engine.tasks import item_task_for
@@ -112,6 +114,10 @@ class BatchRun:
         self._handler_error: BaseException | None = None
         self._forget = FinishedTaskRuns()
         self._stopped: str | None = None
+        #: Items taken and not yet given to a worker (Batch Mode reads every item first).
+        self._ready: deque[tuple[int, ItemRun]] = deque()
+        #: Items read without a slot of `_room` or a budget admission (Batch Mode).
+        self._unbounded: set[int] = set()
         # Undelivered results are bounded: a worker takes an item only when there is room.
         size = self.config.items_per_task
         in_flight = self.config.max_workers if size is None else self._chunk_workers() * size
@@ -130,6 +136,8 @@ class BatchRun:
         Under a budget cap, the item must be admitted first; a worker that may not wait (a
         chunk worker holding items not yet running) gets None when the budget says wait."""
         while self._stopped is None:
+            if self._ready:
+                return self._ready.popleft()
             await self._room.acquire()
             if not await self._admit(may_wait):
                 self._room.release()
@@ -193,7 +201,7 @@ class BatchRun:
     ) -> None:
         """A final result: off the taken set and into the inbox (never blocks)."""
         run = self.taken.pop(index, None)
-        if run is not None and self.budget is not None:
+        if run is not None and self.budget is not None and index not in self._unbounded:
             self.budget.done(result)
         self._inbox.put_nowait((index, result, task_run_id))
 
@@ -258,7 +266,10 @@ class BatchRun:
             try:
                 await self._deliver(index, result, task_run_id)
             finally:
-                self._room.release()
+                if index in self._unbounded:
+                    self._unbounded.discard(index)
+                else:
+                    self._room.release()
 
     async def _deliver(
         self, index: int, result: WorkItemResult[Any, Any], task_run_id: str | None
@@ -330,6 +341,7 @@ class BatchRun:
             workers = [self._chunk_worker(slots) for _ in range(self._chunk_workers())]
         try:
             async with asyncio.timeout(config.batch_timeout):
+                await self._provider_jobs()
                 async with asyncio.TaskGroup() as group:
                     for worker in workers:
                         group.create_task(worker)
@@ -343,6 +355,38 @@ class BatchRun:
                 "are reported as failed (category batch_timeout).",
                 config.batch_timeout or 0.0,
             )
+
+    async def _provider_jobs(self) -> None:
+        """Batch Mode, when the first item's strategy runs its items as provider batch jobs:
+        every item is read first, each such strategy's items go through its jobs
+        (`ProviderBatch`), then every item goes through its task run as online items do
+        (an item its jobs settled only reports its result there; the others retry online)."""
+        first = await self._take()
+        if first is None:
+            return
+        self._ready.append(first)
+        if first[1].item.strategy.batch_jobs() is None:
+            return
+        while (taken := await self.source.next()) is not None:
+            index, item = taken
+            self._unbounded.add(index)
+            rejected = self._reject(index, item)
+            if rejected is not None:
+                self._hand_back(index, rejected)
+                continue
+            run = ItemRun(item, self.runtime)
+            self.taken[index] = run
+            self._ready.append((index, run))
+        groups: dict[int, list[ItemRun]] = {}
+        for _, run in self._ready:
+            groups.setdefault(id(run.item.strategy), []).append(run)
+        batches = []
+        for runs in groups.values():
+            strategy = runs[0].item.strategy
+            jobs = strategy.batch_jobs()
+            if jobs is not None:
+                batches.append(ProviderBatch(self.runtime, strategy, jobs, runs).run())
+        await asyncio.gather(*batches)
 
     def _stop_category(self) -> str:
         if self._handler_error is not None:

@@ -10,7 +10,14 @@ from prefect_batch_llm._engine.lifecycle import StrategyLifecycle
 from prefect_batch_llm._engine.rate_limit import CooldownObserver, RateLimiter
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import DefaultErrorClassifier, ErrorClassifier
-from prefect_batch_llm.results import CallTotals, LatencyHistogram, ResultTotals, TokenUsage
+from prefect_batch_llm.results import (
+    CallTotals,
+    LatencyHistogram,
+    ModelPricing,
+    ResultTotals,
+    TokenUsage,
+    add_usage,
+)
 from prefect_batch_llm.strategy import LLMCallStrategy, accepts_state
 
 _DEFAULT_CLASSIFIER = DefaultErrorClassifier()
@@ -56,10 +63,19 @@ class BatchStats:
             latency=self.latency.copy(),
         )
 
-    def record_usage(self, usage: TokenUsage) -> None:
+    #: Tokens per price path (`standard`, `flex`, `batch`), attempts still running included.
+    usage_by_path: dict[str, TokenUsage] = field(default_factory=dict)
+
+    def record_usage(self, usage: TokenUsage, path: str = "standard") -> None:
         self.input_tokens += usage.get("input_tokens", 0)
         self.output_tokens += usage.get("output_tokens", 0)
         self.cached_input_tokens += usage.get("cached_input_tokens", 0)
+        if usage:
+            add_usage(self.usage_by_path.setdefault(path, TokenUsage()), usage)
+
+    def cost(self, pricing: ModelPricing) -> float:
+        """Dollars billed so far, each path's tokens at its prices."""
+        return sum(pricing.cost_by_path(self.usage_by_path).values())
 
 
 class BatchRuntime:

@@ -28,7 +28,7 @@ from prefect_batch_llm.gemini._caches import (
 from prefect_batch_llm.gemini.errors import is_cache_expired
 from prefect_batch_llm.gemini.strategy import GeminiStrategy, as_contents, count_gemini_tokens
 from prefect_batch_llm.results import TokenUsage
-from prefect_batch_llm.strategy import ExecuteResult, RetryState
+from prefect_batch_llm.strategy import RetryState
 
 logger = logging.getLogger("prefect_batch_llm")
 
@@ -116,7 +116,7 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
 
     #: Lifetimes, renewal, tags and clean-up never change an answer; the document paths are
     #: replaced by their content (`fingerprint_extras`), so an edited file is a new answer.
-    fingerprint_exclude: ClassVar[frozenset[str]] = frozenset(
+    fingerprint_exclude: ClassVar[frozenset[str]] = GeminiStrategy.fingerprint_exclude | frozenset(
         {
             "cache_ttl_seconds",
             "cache_renewal_buffer_seconds",
@@ -375,24 +375,21 @@ gemini_cached_strategy = GeminiCachedStrategy.load("BLOCK_NAME")
             state.set(_STATE_KEY, self._cache_name)
         return self._cache_name
 
-    async def execute(
-        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
-    ) -> ExecuteResult:
+    async def call_arguments(
+        self, prompt: Any, state: RetryState | None = None
+    ) -> tuple[Any, types.GenerateContentConfig | None]:
+        """The prompt with the live cache's name (renewed if it expires soon); uncached, the
+        documents go before the prompt."""
         name = await self.fresh_cache_name(state)
         if name is None:
             contents: Any = [*self._documents, prompt] if isinstance(prompt, str) else prompt
-            response = await self.client().aio.models.generate_content(
-                model=self.model, contents=contents, config=self._config()
-            )
-            return self.parse_response(response)
-        response = await self.client().aio.models.generate_content(
-            model=self.model, contents=prompt, config=self.generation_config(cached_content=name)
-        )
-        return self.parse_response(response)
+            return contents, self._config()
+        return prompt, self.generation_config(cached_content=name)
 
     async def on_error(
         self, exception: BaseException, attempt: int, state: RetryState | None = None
     ) -> None:
+        await super().on_error(exception, attempt, state)
         if not is_cache_expired(exception):
             return
         failed = state.get(_STATE_KEY) if state is not None else self._cache_name

@@ -6,9 +6,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from google import genai
+from google.genai import errors as genai_errors
 from google.genai import types
 from pydantic import Field, HttpUrl, PrivateAttr
 
@@ -25,9 +26,17 @@ from prefect_batch_llm.gemini.errors import (
     GeminiErrorClassifier,
 )
 from prefect_batch_llm.results import TokenUsage
-from prefect_batch_llm.strategy import ExecuteResult, RetryState, StrategyBlock
+from prefect_batch_llm.strategy import PRICE_PATH, ExecuteResult, RetryState, StrategyBlock
+
+if TYPE_CHECKING:
+    from prefect_batch_llm.batch_mode import BatchJobs
 
 logger = logging.getLogger("prefect_batch_llm")
+
+#: The `RetryState` key counting an item's Flex calls the service shed (503).
+_FLEX_SHEDS = "gemini_flex_sheds"
+#: Fields that never change an answer: how (and at what price) it is obtained.
+EXECUTION_FIELDS = frozenset({"execution", "flex_fallback_after", "batch_inline_max_bytes"})
 
 _BLOCKED_FINISH = {"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII"}
 
@@ -59,6 +68,15 @@ def as_contents(texts: list[str]) -> list[types.Content]:
     """Texts as user contents, one part each: how a system instruction or cached documents
     are counted (the Developer API's `countTokens` takes no system instruction)."""
     return [types.Content(role="user", parts=[types.Part(text=text)]) for text in texts if text]
+
+
+def _is_shed(exception: BaseException) -> bool:
+    link: BaseException | None = exception
+    while link is not None:
+        if isinstance(link, genai_errors.APIError) and link.code == 503:
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _name(value: Any) -> str | None:
@@ -126,6 +144,26 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
     thinking_budget: int | None = Field(
         default=None, ge=0, description="Thinking tokens budget (0 turns thinking off)."
     )
+    execution: Literal["standard", "flex", "batch"] = Field(
+        default="standard",
+        description="How calls are made: standard (online, full price), flex (online on the "
+        "Flex tier: half price, best effort, may be shed) or batch (Gemini Batch Mode jobs: "
+        "half price, results within 24 hours).",
+    )
+    flex_fallback_after: int = Field(
+        default=2,
+        ge=0,
+        description="Flex: after this many shed (503) Flex calls of an item, its further "
+        "attempts use the standard tier.",
+    )
+    batch_inline_max_bytes: int = Field(
+        default=19_000_000,
+        ge=0,
+        description="Batch: requests up to this size go inline in the job; larger batches "
+        "are uploaded as a JSONL file (the API takes at most 20 MB inline).",
+    )
+
+    fingerprint_exclude: ClassVar[frozenset[str]] = EXECUTION_FIELDS
 
     _client: genai.Client | None = PrivateAttr(default=None)
     _request_config: types.GenerateContentConfig | None = PrivateAttr(default=None)
@@ -214,13 +252,60 @@ gemini_strategy = GeminiStrategy.load("BLOCK_NAME")
         settings = {key: value for key, value in settings.items() if value is not None}
         return types.GenerateContentConfig(**settings) if settings else None
 
+    async def call_arguments(
+        self, prompt: Any, state: RetryState | None = None
+    ) -> tuple[Any, types.GenerateContentConfig | None]:
+        """The contents and config of one call of `prompt`, online or in a batch job."""
+        return prompt, self._config()
+
     async def execute(
         self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
     ) -> ExecuteResult:
+        contents, config = await self.call_arguments(prompt, state)
         response = await self.client().aio.models.generate_content(
-            model=self.model, contents=prompt, config=self._config()
+            model=self.model, contents=contents, config=self._on_tier(config, state)
         )
         return self.parse_response(response)
+
+    def _on_tier(
+        self, config: types.GenerateContentConfig | None, state: RetryState | None
+    ) -> types.GenerateContentConfig | None:
+        """Flex: the call goes on the Flex tier until the item was shed
+        `flex_fallback_after` times; then on the standard tier. The path is recorded."""
+        if self.execution != "flex":
+            return config
+        sheds = state.get(_FLEX_SHEDS, 0) if state is not None else 0
+        if sheds >= self.flex_fallback_after:
+            return config
+        if state is not None:
+            state.set(PRICE_PATH, "flex")
+        flex = config.model_copy() if config is not None else types.GenerateContentConfig()
+        flex.service_tier = types.ServiceTier.FLEX
+        return flex
+
+    async def on_error(
+        self, exception: BaseException, attempt: int, state: RetryState | None = None
+    ) -> None:
+        """Counts the item's shed Flex calls (a 503 answer to a Flex call)."""
+        if state is None or state.get(PRICE_PATH) != "flex" or not _is_shed(exception):
+            return
+        sheds = state.get(_FLEX_SHEDS, 0) + 1
+        state.set(_FLEX_SHEDS, sheds)
+        if sheds == self.flex_fallback_after:
+            logger.warning(
+                "Flex shed this item's call %d time(s): its next attempts use the standard tier "
+                "(flex_fallback_after=%d)",
+                sheds,
+                self.flex_fallback_after,
+            )
+
+    def batch_jobs(self) -> BatchJobs | None:
+        """Gemini Batch Mode for this strategy's items when `execution="batch"`."""
+        if self.execution != "batch":
+            return None
+        from prefect_batch_llm.gemini.batch_mode import GeminiBatchJobs
+
+        return GeminiBatchJobs(self)
 
     def _config(self) -> types.GenerateContentConfig | None:
         """The uncached request config, built once (fields do not change while running)."""
