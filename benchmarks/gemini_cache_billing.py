@@ -10,6 +10,13 @@ emulator clock past the TTL so caches left alive are billed their storage until 
   per-item        one GeminiCachedStrategy instance per item, same content (they find and
                   reuse the same cache by fingerprint, after a creation race at the start)
   per-item-v0.1   one cache per item (unique tags): batch-llm v0.1's behaviour
+  flex            no-cache on the Flex tier (execution="flex")
+  flex+cache      shared on the Flex tier
+  batch           no-cache in Gemini Batch Mode (execution="batch": one job)
+  batch+cache     shared in Batch Mode: the requests name the shared cache
+
+Costs are the emulator's bill, each request at the prices of its path (standard, flex,
+batch) plus cache storage; "same out" says whether every output equals the shared leg's.
 """
 
 from __future__ import annotations
@@ -36,15 +43,31 @@ from prefect_batch_llm.testing import GeminiEmulator
 TTL = 3600
 
 
+LEGS = (
+    "no-cache",
+    "shared",
+    "per-item",
+    "per-item-v0.1",
+    "flex",
+    "flex+cache",
+    "batch",
+    "batch+cache",
+)
+
+
 async def leg(name: str, items: int, context: str, workers: int) -> dict[str, Any]:
-    with GeminiEmulator() as emulator:
+    execution = name.split("+")[0] if name.startswith(("flex", "batch")) else "standard"
+    uncached = name in ("no-cache", "flex", "batch")
+    with GeminiEmulator(batch_pending_seconds=0.5, batch_running_seconds=1.0) as emulator:
         creds = GeminiCredentials(api_key=SecretStr("bench"), base_url=emulator.base_url)
         instruction = "Answer questions about the attached handbook."
 
         def strategy(i: int) -> Any:
-            if name == "no-cache":
+            if uncached:
                 return GeminiStrategy(
-                    credentials=creds, system_instruction=f"{instruction}\n\n{context}"
+                    credentials=creds,
+                    system_instruction=f"{instruction}\n\n{context}",
+                    execution=execution,
                 )
             tags = {"item": str(i)} if name == "per-item-v0.1" else {}
             return GeminiCachedStrategy(
@@ -53,13 +76,17 @@ async def leg(name: str, items: int, context: str, workers: int) -> dict[str, An
                 cached_documents=[context],
                 cache_ttl_seconds=TTL,
                 cache_tags=tags,
+                execution=execution,
             )
 
         shared = strategy(0)
         started = time.perf_counter()
-        async with ParallelBatchProcessor(config=ProcessorConfig(max_workers=workers)) as proc:
+        config = ProcessorConfig(
+            max_workers=workers, batch_poll_interval_seconds=0.2, report_artifacts=False
+        )
+        async with ParallelBatchProcessor(config=config) as proc:
             for i in range(items):
-                chosen = shared if name in ("no-cache", "shared") else strategy(i)
+                chosen = strategy(i) if name.startswith("per-item") else shared
                 await proc.add_work(
                     LLMWorkItem(
                         item_id=f"q{i}",
@@ -71,19 +98,23 @@ async def leg(name: str, items: int, context: str, workers: int) -> dict[str, An
         wall = time.perf_counter() - started
         emulator.clock.advance(TTL + 1)  # caches left alive are billed until they expire
         stats = emulator.stats()
-    billed = stats["billed"]
+    paths = stats["billed_by_path"].values()
+    tokens_usd = sum(p["total_usd"] for p in paths)
+    storage = stats["billed"]["storage_usd"]
     return {
         "leg": name,
         "ok": result.succeeded,
         "caches": stats["caches"]["created"],
         "cache_calls": sum(n for k, n in stats["calls_by_endpoint"].items() if "cached" in k),
-        "input": billed["input_tokens"],
-        "cached": billed["cached_tokens"],
-        "output": billed["output_tokens"],
+        "jobs": stats["batches"]["created"],
+        "input": sum(p["input_tokens"] for p in paths),
+        "cached": sum(p["cached_tokens"] for p in paths),
+        "output": sum(p["output_tokens"] for p in paths),
         "hit_rate": round(result.cache_hit_rate(), 1),
-        "tokens_usd": billed["input_usd"] + billed["cached_usd"] + billed["output_usd"],
-        "storage_usd": billed["storage_usd"],
-        "total_usd": billed["total_usd"],
+        "tokens_usd": tokens_usd,
+        "storage_usd": storage,
+        "total_usd": tokens_usd + storage,
+        "outputs": [r.output for r in result.results],
         "wall_s": round(wall, 1),
     }
 
@@ -95,11 +126,9 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     args = parser.parse_args()
     context = ("lorem " * (args.context_tokens * 4 // 6 + 1))[: args.context_tokens * 4]
-    rows = [
-        await leg(n, args.items, context, args.workers)
-        for n in ("no-cache", "shared", "per-item", "per-item-v0.1")
-    ]
+    rows = [await leg(n, args.items, context, args.workers) for n in LEGS]
     base = rows[0]["total_usd"]
+    shared = next(r for r in rows if r["leg"] == "shared")
     print(
         f"\n{args.items} items, {args.context_tokens}-token shared context, gemini-2.5-flash "
         f"list prices, {args.workers} workers, storage billed until TTL ({TTL}s) expiry"
@@ -111,6 +140,7 @@ async def main() -> None:
     head = (
         f"{'leg':<14}{'ok':>5}{'caches':>7}{'cache API':>10}{'input tok':>11}{'cached tok':>12}"
         f"{'hit %':>7}{'tokens $':>10}{'storage $':>10}{'total $':>9}{'vs no-cache':>12}"
+        f"{'vs shared':>10}{'jobs':>5}{'same out':>9}{'wall s':>7}"
     )
     print(head)
     for r in rows:
@@ -118,6 +148,8 @@ async def main() -> None:
             f"{r['leg']:<14}{r['ok']:>5}{r['caches']:>7}{r['cache_calls']:>10}{r['input']:>11}"
             f"{r['cached']:>12}{r['hit_rate']:>7}{r['tokens_usd']:>10.4f}{r['storage_usd']:>10.4f}"
             f"{r['total_usd']:>9.4f}{r['total_usd'] / base:>11.2f}x"
+            f"{r['total_usd'] / shared['total_usd']:>9.2f}x{r['jobs']:>5}"
+            f"{'yes' if r['outputs'] == shared['outputs'] else 'no':>9}{r['wall_s']:>7}"
         )
 
 

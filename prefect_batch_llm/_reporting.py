@@ -348,8 +348,18 @@ def markdown_report(
         f"| Cache hit rate | {summary['cache_hit_rate']:.1f}% |",
         f"| Effective input tokens | {summary['effective_input_tokens']:,} |",
     ]
+    if summary["price_paths"]:
+        lines.append(f"| Price paths | {', '.join(summary['price_paths'])} |")
     if "estimated_cost_usd" in summary:
-        lines.append(f"| Estimated cost | ${summary['estimated_cost_usd']:.4f} |")
+        cost = f"${summary['estimated_cost_usd']:.4f}"
+        by_path = summary.get("cost_by_path_usd")
+        if by_path and pricing is not None:
+            split = ", ".join(f"{path} ${usd:.4f}" for path, usd in sorted(by_path.items()))
+            standard = pricing.cost(
+                batch.total_input_tokens, batch.total_output_tokens, batch.total_cached_tokens
+            )
+            cost += f" ({split}; ${standard:.4f} at standard prices)"
+        lines.append(f"| Estimated cost | {cost} |")
     if summary.get("latency_p50_seconds") is not None:
         lines.append(
             "| Call latency p50 / p95 / p99 | "

@@ -186,3 +186,21 @@ def test_the_run_form_has_a_block_picker_and_no_library_settings_or_doc_markup()
     assert not {"keep_results", "progress_bar"} & set(config)
     assert not {"keep_results", "progress_bar"} & set(schema["properties"]["config"]["default"])
     assert "][" not in json.dumps(schema), "no mkdocs cross-reference markup in descriptions"
+
+
+def test_the_run_form_offers_the_execution_path_and_non_gemini_strategies_refuse_it():
+    from helpers import ScriptedStrategy
+    from prefect.utilities.callables import parameter_schema
+
+    from prefect_batch_llm.flows import _on_path
+
+    schema = parameter_schema(batch_llm).model_dump(by_alias=True)
+    execution = schema["properties"]["execution"]
+    assert {"enum": ["standard", "flex", "batch"], "type": "string"} in execution["anyOf"]
+    assert execution["default"] is None, "empty: the strategy's own setting"
+    saved = GeminiStrategy(execution="flex")
+    assert _on_path(saved, "batch").execution == "batch"  # type: ignore[attr-defined]
+    assert saved.execution == "flex", "the block itself is unchanged"
+    assert _on_path(saved, None) is saved
+    with pytest.raises(ValueError, match="only Gemini strategies run on the flex or batch path"):
+        _on_path(ScriptedStrategy(), "batch")
