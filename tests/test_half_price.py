@@ -288,3 +288,33 @@ async def test_a_run_killed_while_polling_resumes_the_same_job_and_pays_once(tmp
     assert sum(r["tokens"]["output_tokens"] for r in results) == batch["output_tokens"]
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["estimated_cost_usd"] == pytest.approx(batch["total_usd"], abs=1e-6)
+
+
+# -- through the deployable flow -------------------------------------------------------------
+
+
+async def test_the_flow_in_batch_mode_with_a_malformed_first_line(tmp_path):
+    from prefect_batch_llm.flows import batch_llm
+
+    source = tmp_path / "items.jsonl"
+    lines = [
+        "{not json",
+        *(json.dumps({"id": f"f{i}", "prompt": f"Question {i}?"}) for i in range(6)),
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "results.jsonl"
+    with GeminiEmulator(batch_running_seconds=0.1) as emulator:
+        summary = await batch_llm(
+            input=str(source),
+            strategy=cached(emulator),
+            output=str(output),
+            config={"batch_poll_interval_seconds": 0.1, "max_failed_fraction": 0.5},
+            execution="batch",
+        )
+        stats = emulator.stats()
+    assert stats["batches"]["created"] == 1 and stats["batches"]["requests"] == 6
+    assert stats["calls_by_endpoint"].get("generateContent", 0) == 0
+    results = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert results["line-1"]["category"] == "invalid_input"
+    assert all(results[f"f{i}"]["success"] for i in range(6))
+    assert summary["price_paths"] == ["batch"] and summary["succeeded"] == 6

@@ -361,22 +361,22 @@ class BatchRun:
         every item is read first, each such strategy's items go through its jobs
         (`ProviderBatch`), then every item goes through its task run as online items do
         (an item its jobs settled only reports its result there; the others retry online)."""
+        if self.config.dry_run:
+            return  # no provider call at all, jobs included
         first = await self._take()
         if first is None:
             return
         self._ready.append(first)
+        # Invalid input lines stand in for items without a strategy of their own: the first
+        # real item decides (a malformed first line must not turn Batch Mode off).
+        while getattr(first[1].item.strategy, "stands_in", False):
+            first = await self._take_unbounded()
+            if first is None:
+                return
         if first[1].item.strategy.batch_jobs() is None:
             return
-        while (taken := await self.source.next()) is not None:
-            index, item = taken
-            self._unbounded.add(index)
-            rejected = self._reject(index, item)
-            if rejected is not None:
-                self._hand_back(index, rejected)
-                continue
-            run = ItemRun(item, self.runtime)
-            self.taken[index] = run
-            self._ready.append((index, run))
+        while await self._take_unbounded() is not None:
+            pass
         groups: dict[int, list[ItemRun]] = {}
         for _, run in self._ready:
             groups.setdefault(id(run.item.strategy), []).append(run)
@@ -387,6 +387,21 @@ class BatchRun:
             if jobs is not None:
                 batches.append(ProviderBatch(self.runtime, strategy, jobs, runs).run())
         await asyncio.gather(*batches)
+
+    async def _take_unbounded(self) -> tuple[int, ItemRun] | None:
+        """The next item of the source, queued to run, without a slot (Batch Mode)."""
+        while (taken := await self.source.next()) is not None:
+            index, item = taken
+            self._unbounded.add(index)
+            rejected = self._reject(index, item)
+            if rejected is not None:
+                self._hand_back(index, rejected)
+                continue
+            run = ItemRun(item, self.runtime)
+            self.taken[index] = run
+            self._ready.append((index, run))
+            return index, run
+        return None
 
     def _stop_category(self) -> str:
         if self._handler_error is not None:

@@ -259,6 +259,9 @@ class RejectedInput(LLMCallStrategy[None]):
     the artifacts and written to the results as failures of category `invalid_input`.
     """
 
+    #: Not a strategy of its own: Batch Mode is decided by the first real item.
+    stands_in = True
+
     def __init__(self, error: str) -> None:
         self.error = error
 
