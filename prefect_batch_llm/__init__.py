@@ -8,6 +8,7 @@ strategy once and cleans it up once; results account for every token billed.
 from importlib.metadata import PackageNotFoundError, version
 
 from prefect_batch_llm._engine import ResultHandlerError
+from prefect_batch_llm.batch_mode import BatchJobError, BatchJobs, JobState, JobStatus
 from prefect_batch_llm.callable import CallableStrategy
 from prefect_batch_llm.config import ProcessorConfig, RetryConfig
 from prefect_batch_llm.errors import (
@@ -41,7 +42,7 @@ from prefect_batch_llm.results import (
     TokenUsage,
     WorkItemResult,
 )
-from prefect_batch_llm.strategy import LLMCallStrategy, RetryState, StrategyBlock
+from prefect_batch_llm.strategy import PRICE_PATH, LLMCallStrategy, RetryState, StrategyBlock
 
 try:
     __version__ = version("prefect-batch-llm")
@@ -49,7 +50,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "PRICE_PATH",
     "BatchFailedError",
+    "BatchJobError",
+    "BatchJobs",
     "BatchOutcome",
     "BatchResult",
     "CacheExpiredError",
@@ -64,6 +68,8 @@ __all__ = [
     "GeminiCredentials",
     "GeminiErrorClassifier",
     "GeminiStrategy",
+    "JobState",
+    "JobStatus",
     "LLMCallError",
     "LLMCallStrategy",
     "LLMWorkItem",
