@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prefect.artifacts import acreate_markdown_artifact
@@ -102,6 +102,8 @@ class CostPreview:
     pricing: ModelPricing
     invalid_items: int = 0
     invalid_errors: tuple[str, ...] = field(default=())
+    #: The execution path priced (`standard`, `flex`, `batch`): its own prices are used.
+    price_path: str = "standard"
 
     @property
     def sampled(self) -> bool:
@@ -136,6 +138,7 @@ class CostPreview:
         """A JSON-ready digest (what the deployable flow returns with `preview=True`)."""
         return {
             "preview": True,
+            "price_path": self.price_path,
             "items": self.items,
             "invalid_items": self.invalid_items,
             "counted": self.counted,
@@ -192,8 +195,9 @@ class CostPreview:
             f"| output tokens per item | {self.output_tokens_per_item}: {self.output_assumption} |",
             f"| projected tokens | {self.input_tokens} input ({self.cached_input_tokens} cached), "
             f"{self.output_tokens} output |",
-            f"| prices per million tokens | input ${pricing.input_per_million}, cached "
-            f"${cached_price}, output ${pricing.output_per_million} |",
+            f"| prices per million tokens ({self.price_path}) | input "
+            f"${pricing.input_per_million}, cached ${cached_price}, output "
+            f"${pricing.output_per_million} |",
             "",
             "The range covers the sampling of prompts only: the output size is an assumption, "
             "retries are not projected, and context cache storage (billed per hour) is not "
@@ -444,6 +448,8 @@ async def preview_cost(
             f"No prices for {type(strategy).__name__}: pass preview_cost(pricing="
             "ModelPricing(input_per_million=..., output_per_million=...))."
         )
+    path = str(getattr(strategy, "execution", "standard"))
+    prices = prices.for_path(path)
     output, assumption = _output_assumption(strategy, output_tokens_per_item)
     sample = _sample(input, sample_size, seed)
     counts: list[TokenUsage] = []
@@ -459,6 +465,7 @@ async def preview_cost(
         invalid_items=sample.invalid_items,
         invalid_errors=sample.invalid_errors,
     )
+    preview = replace(preview, price_path=path)
     _log(preview.message())
     if artifacts and FlowRunContext.get() is not None:
         try:
