@@ -10,9 +10,9 @@ import asyncio
 import json
 import sys
 
-from prefect_batch_llm.flows import batch_llm
+from prefect_batch_llm.flows import batch_llm, batch_llm_sharded
 
-__all__ = ["batch_llm"]
+__all__ = ["batch_llm", "batch_llm_sharded"]
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -11,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.blocks.core import Block
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
 from prefect.runtime import deployment, flow_run
 from pydantic import BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
@@ -280,4 +283,117 @@ async def batch_llm(
     outcome = batch.outcome
     if outcome.failed:
         raise BatchFailedError(f"{outcome.message}; results in {where}")
+    return summary
+
+
+@flow(name="batch-llm-sharded")
+async def batch_llm_sharded(
+    input: str,
+    strategy: StrategyParameter = "gemini-cached-strategy/handbook-qa",
+    output: str | None = None,
+    shards: int = 2,
+    shard_deployment: str = "batch-llm/file-batch",
+    config: FlowConfig = DEFAULT_FLOW_CONFIG,
+    fresh: bool = False,
+    execution: Execution | None = None,
+) -> dict[str, Any]:
+    """Run one batch as `shards` runs of a batch deployment, on the work pool's workers.
+
+    The input is dealt into shard files beside the output (`<output>.shards/`), each shard
+    runs as a child run of this one (`run_deployment(..., as_subflow=True)`), and the shards'
+    results become one results file and one report here, with one outcome. Shard files and
+    results must be where the workers can read and write them (one machine, a shared disk or
+    an fsspec URL). Running the flow again re-runs every shard, and each resumes: completed
+    items are not billed again.
+
+    Args:
+        input: The items (as for `batch-llm`).
+        strategy: The saved strategy block (`block-type-slug/block-name`, or picked).
+        output: The combined results file (default `results/<input>-<flow run>.results.jsonl`).
+        shards: How many shard runs (e.g. the number of worker processes).
+        shard_deployment: The `batch-llm` deployment that runs each shard.
+        config: Processor settings for every shard (as for `batch-llm`).
+        fresh: Recompute every item.
+        execution: The execution path for every shard (as for `batch-llm`).
+
+    Raises:
+        BatchFailedError: after the combined results and report are written, when more items
+            failed than `config.max_failed_fraction` allows.
+    """
+    from prefect.artifacts import acreate_markdown_artifact
+
+    from prefect_batch_llm._reporting import markdown_report
+    from prefect_batch_llm.files.shards import shard_results, split_input
+    from prefect_batch_llm.results import BatchResult, ResultTotals
+
+    logger = get_run_logger()
+    if not input_exists(input):
+        raise FileNotFoundError(f"Input file {input!r} not found (nothing was sent to the LLM).")
+    destination = output or _default_output(input)
+    check_output_path(input, destination)
+    chosen, strategy_name = await _chosen_strategy(strategy)
+    if strategy_name.endswith("/(unsaved block)"):
+        raise ValueError("Shards load the strategy by name: pass a saved block.")
+    parts, invalid = split_input(input, f"{destination}.shards", shards)
+    key = config.artifact_key or _artifact_key_for(input)
+    logger.info(
+        "%d item(s) in %d shard(s) of %s", sum(len(p.ids) for p in parts), len(parts), input
+    )
+    started = time.monotonic()
+    shared = config.model_dump(mode="json", exclude_unset=True)
+
+    async def run_shard(number: int, shard_input: str, shard_output: str) -> str:
+        parameters = {
+            "input": _absolute(shard_input),
+            "strategy": strategy_name,
+            "output": _absolute(shard_output),
+            "config": {**shared, "artifact_key": f"{key}-shard-{number}"},
+            "fresh": fresh,
+            "execution": execution,
+        }
+        child: FlowRun = await run_deployment(  # type: ignore[misc]
+            shard_deployment, parameters=parameters, as_subflow=True, timeout=None
+        )
+        state = child.state
+        return f"{child.name}: {state.name if state else 'unknown'}"
+
+    outcomes = await asyncio.gather(*(run_shard(p.number, p.input, p.output) for p in parts))
+    totals = ResultTotals()
+    with ResultsWriter(destination) as writer:
+        for result in invalid:
+            totals.add(result)
+            writer.write(result)
+        for part, outcome in zip(parts, outcomes, strict=True):
+            for result in shard_results(part, outcome):
+                totals.add(result)
+                writer.write(result)
+    batch: BatchResult[Any, Any] = BatchResult(results=[], totals=totals)
+    batch.duration = time.monotonic() - started
+    batch.max_failed_fraction = config.max_failed_fraction
+    pricing = _pricing_for(_on_path(chosen, execution))
+    where = _absolute(destination)
+    details = {
+        "Input": _absolute(input),
+        "Strategy": strategy_name,
+        "Shards": "; ".join(outcomes),
+        "Output": where,
+    }
+    if config.report_artifacts:
+        await acreate_markdown_artifact(
+            markdown_report(batch, pricing, details),
+            key=f"{key}-report",
+            description="LLM batch report (every shard)",
+        )
+    summary = batch.summary(pricing)
+    summary["output"] = destination
+    summary["shards"] = outcomes
+    logger.info(
+        "%d items: %d succeeded, %d failed; results in %s",
+        batch.total_items,
+        batch.succeeded,
+        batch.failed,
+        where,
+    )
+    if batch.outcome.failed:
+        raise BatchFailedError(f"{batch.outcome.message}; results in {where}")
     return summary
