@@ -20,8 +20,10 @@ import pytest
 from pydantic import SecretStr
 
 from prefect_batch_llm import LLMWorkItem, ParallelBatchProcessor, ProcessorConfig, RetryConfig
+from prefect_batch_llm._reporting import markdown_report
 from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiCredentials, GeminiStrategy
 from prefect_batch_llm.gemini.pricing import gemini_pricing
+from prefect_batch_llm.results import BatchResult, ModelPricing, TokenUsage, WorkItemResult
 from prefect_batch_llm.testing import BatchFault, Fault, GeminiEmulator
 
 CONTEXT = "The handbook. " * 400  # above the 1,024-token minimum cache size
@@ -318,3 +320,45 @@ async def test_the_flow_in_batch_mode_with_a_malformed_first_line(tmp_path):
     assert results["line-1"]["category"] == "invalid_input"
     assert all(results[f"f{i}"]["success"] for i in range(6))
     assert summary["price_paths"] == ["batch"] and summary["succeeded"] == 6
+
+
+# -- accounting per price path ---------------------------------------------------------------
+
+PRICES = ModelPricing(
+    input_per_million=1.0,
+    output_per_million=10.0,
+    cached_input_per_million=0.1,
+    flex=ModelPricing(input_per_million=0.5, output_per_million=5.0, cached_input_per_million=0.05),
+    batch=ModelPricing(
+        input_per_million=0.5, output_per_million=5.0, cached_input_per_million=0.05
+    ),
+)
+MILLION = TokenUsage(input_tokens=1_000_000, output_tokens=1_000_000, cached_input_tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("paths", "expected_usd", "row"),
+    [
+        ({}, 11.0, None),  # no split: every token standard
+        ({"batch": MILLION}, 5.5, "batch $5.5000"),
+        ({"flex": MILLION}, 5.5, "flex $5.5000"),
+        (
+            {
+                "batch": TokenUsage(input_tokens=500_000, output_tokens=500_000),
+                "standard": TokenUsage(input_tokens=500_000, output_tokens=500_000),
+            },
+            8.25,
+            "batch $2.7500, standard $5.5000",
+        ),
+    ],
+    ids=["standard", "batch", "flex", "batch+standard"],
+)
+def test_cost_prices_each_path_and_the_report_shows_the_split(paths, expected_usd, row):
+    result = WorkItemResult(item_id="a", success=True, token_usage=MILLION, usage_by_path=paths)
+    batch = BatchResult(results=[result])
+    assert batch.estimated_cost(PRICES) == pytest.approx(expected_usd)
+    report = markdown_report(batch, PRICES)
+    if row is None:
+        assert "Price paths | standard" in report and "at standard prices" not in report
+    else:
+        assert f"({row}; $11.0000 at standard prices)" in report
