@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test lint docs check benchmark clean
+.PHONY: install demo test lint docs check benchmark clean postgres-server e2e-postgres
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ check: lint docs test
 benchmark: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/gemini_cache_billing.py
+
+# A Postgres-backed Prefect server (PostgreSQL from Debian: apt-get install -y postgresql);
+# Ctrl-C stops it. Options: make postgres-server POSTGRES_SERVER_ARGS="--port 5433 --detach"
+postgres-server: $(STAMP)
+	$(BIN)/python -m prefect_batch_llm.testing.postgres_server start $(POSTGRES_SERVER_ARGS)
+
+# The deployment end-to-end test against that server (not in CI: it adds a Postgres start).
+e2e-postgres: $(STAMP)
+	BATCH_LLM_E2E_DATABASE=postgres $(BIN)/python -m pytest tests/test_deployment_e2e.py
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache

@@ -2,6 +2,8 @@
 
 Starts `prefect server start` on a free loopback port with its own PREFECT_HOME, the Gemini
 emulator and a process worker; cleans up every process it started, also on failure.
+With BATCH_LLM_E2E_DATABASE=postgres (`make e2e-postgres`) the server is the repo's
+Postgres-backed one (python -m prefect_batch_llm.testing.postgres_server).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -77,13 +81,40 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         started.stop_all()
 
 
+@pytest.fixture
+def server_command() -> Iterator[Callable[[int], list[str]]]:
+    """The server to start on a port: SQLite by default, Postgres if the environment says so.
+
+    Requested before `processes`, so it is torn down after the server has been stopped.
+    """
+    postgres = os.environ.get("BATCH_LLM_E2E_DATABASE") == "postgres"
+    # Under /tmp and searchable: as root, Postgres runs as the postgres user.
+    data_dir = Path(tempfile.mkdtemp(prefix="e2e-postgres-")) / "pg" if postgres else None
+    script = [sys.executable, "-m", "prefect_batch_llm.testing.postgres_server"]
+
+    def command(port: int) -> list[str]:
+        if data_dir is None:
+            return [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                    "--analytics-off"]  # fmt: skip
+        data_dir.parent.chmod(0o755)
+        return [*script, "start", "--data-dir", str(data_dir), "--port", str(free_port()),
+                "--api-port", str(port)]  # fmt: skip
+
+    yield command
+    if data_dir is not None:
+        subprocess.run([*script, "stop", "--data-dir", str(data_dir)], timeout=120)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
 def run(args: list[str], env: dict[str, str], timeout: float = 180) -> str:
     done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
 
-async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, processes):
+async def test_deploy_from_prefect_yaml_and_run_with_parameters(
+    tmp_path: Path, server_command, processes
+):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -95,20 +126,7 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(tmp_path: Path, 
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "storage"),
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
-    server = processes.start(
-        "server",
-        [
-            *PREFECT,
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--analytics-off",
-        ],
-        env,
-    )
+    server = processes.start("server", server_command(port), env)
     deadline = time.monotonic() + 120
     while True:
         assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]

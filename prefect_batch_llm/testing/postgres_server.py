@@ -399,7 +399,6 @@ def serve(args: argparse.Namespace) -> int:
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
             "PREFECT_API_DATABASE_CONNECTION_URL": url,
         }
-        env.pop("PREFECT_API_URL", None)  # the server must not think it is a client elsewhere
         command = [sys.executable, "-m", "prefect", "server", "start"]
         command += ["--host", args.host, "--port", str(api_port)]
         print(f"postgres on {cluster.host}:{port}; starting: {' '.join(command[1:])}", flush=True)
