@@ -1,6 +1,7 @@
 """What a shared Gemini context cache saves: billed cost from the emulator's counters.
 
     .venv/bin/python benchmarks/gemini_cache_billing.py [--items 200] [--context-tokens 20000]
+        [--legs shared,batch+cache]
 
 Every leg runs the same items (a 20,000-token shared context + a short question each)
 through ParallelBatchProcessor against its own fresh emulator, then fast-forwards the
@@ -124,10 +125,14 @@ async def main() -> None:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--context-tokens", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument(
+        "--legs", default=",".join(LEGS), help="comma-separated legs (shared is always run)"
+    )
     args = parser.parse_args()
+    legs = [leg for leg in LEGS if leg in {*args.legs.split(","), "shared"}]
     context = ("lorem " * (args.context_tokens * 4 // 6 + 1))[: args.context_tokens * 4]
-    rows = [await leg(n, args.items, context, args.workers) for n in LEGS]
-    base = rows[0]["total_usd"]
+    rows = [await leg(n, args.items, context, args.workers) for n in legs]
+    base = next((r["total_usd"] for r in rows if r["leg"] == "no-cache"), None)
     shared = next(r for r in rows if r["leg"] == "shared")
     print(
         f"\n{args.items} items, {args.context_tokens}-token shared context, gemini-2.5-flash "
@@ -147,8 +152,9 @@ async def main() -> None:
         print(
             f"{r['leg']:<14}{r['ok']:>5}{r['caches']:>7}{r['cache_calls']:>10}{r['input']:>11}"
             f"{r['cached']:>12}{r['hit_rate']:>7}{r['tokens_usd']:>10.4f}{r['storage_usd']:>10.4f}"
-            f"{r['total_usd']:>9.4f}{r['total_usd'] / base:>11.2f}x"
-            f"{r['total_usd'] / shared['total_usd']:>9.2f}x{r['jobs']:>5}"
+            f"{r['total_usd']:>9.4f}"
+            + (f"{r['total_usd'] / base:>11.2f}x" if base else f"{'-':>12}")
+            + f"{r['total_usd'] / shared['total_usd']:>9.2f}x{r['jobs']:>5}"
             f"{'yes' if r['outputs'] == shared['outputs'] else 'no':>9}{r['wall_s']:>7}"
         )
 
