@@ -180,12 +180,56 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(
         assert "prefect-batch-llm.batch.completed" in again.stdout
         assert emulator.stats()["generate_calls"] == 12, "resume stayed on"
 
+        # Batch Mode for this run only (the saved block stays online): one Gemini job with
+        # the shared cache, every item answered, and the block unchanged for the next run.
+        batch_output = tmp_path / "batch.jsonl"
+        batched = deployment_run(
+            f"input={source}",
+            f"output={batch_output}",
+            "execution=batch",
+            "fresh=true",
+            'config={"batch_poll_interval_seconds": 1, "max_failed_fraction": 0.1}',
+        )
+        assert batched.returncode == 0, batched.stdout[-3000:] + batched.stderr[-3000:]
+        assert emulator.stats()["batches"]["created"] == 1
+        assert emulator.stats()["generate_calls"] == 12, "no online call in Batch Mode"
+
+        # One batch as two shard runs of file-batch on the worker, one results file.
+        sharded_output = tmp_path / "sharded.jsonl"
+        sharded = subprocess.run(
+            [
+                *PREFECT,
+                "deployment",
+                "run",
+                "batch-llm-sharded/sharded",
+                "--watch",
+                "--param",
+                f"input={source}",
+                "--param",
+                f"output={sharded_output}",
+                "--param",
+                'config={"max_failed_fraction": 0.1}',
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
+
         # A CSV without a prompt column: every item fails, the run ends Failed.
         no_prompt = tmp_path / "no_prompt.csv"
         no_prompt.write_text("id,question\na,why?\nb,how?\n")
         failed = deployment_run(f"input={no_prompt}", f"output={tmp_path / 'failed.jsonl'}")
         assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
 
+    batch_results = [json.loads(line) for line in batch_output.read_text().splitlines()]
+    assert sum(r["success"] for r in batch_results) == 12 and len(batch_results) == 13
+    sharded_results = [json.loads(line) for line in sharded_output.read_text().splitlines()]
+    assert sorted(r["id"] for r in sharded_results) == sorted(
+        [f"e{i}" for i in range(12)] + ["line-6"]
+    )
     results = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(results) == 13
     assert sum(r["success"] for r in results) == 12
