@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from prefect_batch_llm.gemini.pricing import gemini_prices
+from prefect_batch_llm.gemini.pricing import gemini_prices, gemini_pricing
 from prefect_batch_llm.testing.emulator._clock import (
     EmulatorClock,
     parse_duration,
@@ -27,7 +27,6 @@ from prefect_batch_llm.testing.emulator._clock import (
 from prefect_batch_llm.testing.emulator._jobs import BatchStore, FileStore
 
 __all__ = [
-    "PRICE_PATHS",
     "Billing",
     "CachedContent",
     "EmulatorClock",
@@ -62,9 +61,6 @@ FaultKind = Literal[
 FaultTier = Literal["any", "standard", "flex", "batch"]
 #: Faults about the HTTP exchange itself: they cannot happen to a request inside a batch job.
 TRANSPORT_FAULTS = frozenset({"slow", "drop", "502_html", "malformed_json"})
-#: Billing paths and their price as a fraction of the list price (Batch Mode and the Flex
-#: tier are billed at 50%; cached input tokens at 50% of the cached price too).
-PRICE_PATHS: dict[str, float] = {"standard": 1.0, "flex": 0.5, "batch": 0.5}
 
 
 def count_tokens(text: str) -> int:
@@ -176,7 +172,6 @@ class EmulatorState:
     batch_billing: Billing = field(default_factory=Billing)
     flex_calls: int = 0
     flex_shed: int = 0
-    price_factors: dict[str, float] = field(default_factory=lambda: dict(PRICE_PATHS))
     _recent: deque[tuple[float, int]] = field(default_factory=deque)
     files: FileStore = field(init=False)
     batches: BatchStore = field(init=False)
@@ -240,25 +235,30 @@ class EmulatorState:
     def bill(
         self, model: str, prompt_tokens: int, cached: int, output: int, path: str = "standard"
     ) -> None:
-        """Bill one answered request under a price path: `standard`, `flex` or `batch`."""
-        price_in, price_out, price_cached, _ = gemini_prices(model)
+        """Bill one answered request under a price path: `standard`, `flex` or `batch`.
+
+        At the library's own price table (`gemini_pricing(model).for_path(path)`, the prices
+        in effect on the emulator clock's day), so the emulator's bill and the client-side
+        `BatchResult.estimated_cost(gemini_pricing(model))` agree by construction.
+        """
+        prices = gemini_pricing(model, on=self.clock.datetime()).for_path(path)
         uncached = max(0, prompt_tokens - cached)
         with self.lock:
-            factor = self.price_factors.get(path, 1.0)
             billing = {"flex": self.flex_billing, "batch": self.batch_billing}.get(
                 path, self.billing
             )
             billing.input_tokens += uncached
             billing.cached_tokens += cached
             billing.output_tokens += output
-            billing.input_usd += uncached * price_in * factor / 1e6
-            billing.cached_usd += cached * price_cached * factor / 1e6
-            billing.output_usd += output * price_out * factor / 1e6
+            billing.input_usd += prices.cost(uncached, 0)
+            billing.cached_usd += prices.cost(cached, 0, cached)
+            billing.output_usd += prices.cost(0, output)
 
     def _bill_storage(self, cache: CachedContent, until: datetime) -> None:
         end = min(until, cache.expire_time)
         hours = max(0.0, (end - cache.billed_storage_until).total_seconds() / 3600)
-        self.billing.storage_usd += cache.tokens * hours * gemini_prices(cache.model)[3] / 1e6
+        storage = gemini_prices(cache.model, on=cache.billed_storage_until)[3]
+        self.billing.storage_usd += cache.tokens * hours * storage / 1e6
         cache.billed_storage_until = max(cache.billed_storage_until, end)
 
     # -- caches --------------------------------------------------------------------------
