@@ -56,7 +56,7 @@ LEGS = (
 )
 
 
-async def leg(name: str, items: int, context: str, workers: int) -> dict[str, Any]:
+async def leg(name: str, items: int, context: str, workers: int, model: str) -> dict[str, Any]:
     execution = name.split("+")[0] if name.startswith(("flex", "batch")) else "standard"
     uncached = name in ("no-cache", "flex", "batch")
     with GeminiEmulator(batch_pending_seconds=0.5, batch_running_seconds=1.0) as emulator:
@@ -67,12 +67,14 @@ async def leg(name: str, items: int, context: str, workers: int) -> dict[str, An
             if uncached:
                 return GeminiStrategy(
                     credentials=creds,
+                    model=model,
                     system_instruction=f"{instruction}\n\n{context}",
                     execution=execution,
                 )
             tags = {"item": str(i)} if name == "per-item-v0.1" else {}
             return GeminiCachedStrategy(
                 credentials=creds,
+                model=model,
                 system_instruction=instruction,
                 cached_documents=[context],
                 cache_ttl_seconds=TTL,
@@ -125,17 +127,18 @@ async def main() -> None:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--context-tokens", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--model", default="gemini-2.5-flash")
     parser.add_argument(
         "--legs", default=",".join(LEGS), help="comma-separated legs (shared is always run)"
     )
     args = parser.parse_args()
     legs = [leg for leg in LEGS if leg in {*args.legs.split(","), "shared"}]
     context = ("lorem " * (args.context_tokens * 4 // 6 + 1))[: args.context_tokens * 4]
-    rows = [await leg(n, args.items, context, args.workers) for n in legs]
+    rows = [await leg(n, args.items, context, args.workers, args.model) for n in legs]
     base = next((r["total_usd"] for r in rows if r["leg"] == "no-cache"), None)
     shared = next(r for r in rows if r["leg"] == "shared")
     print(
-        f"\n{args.items} items, {args.context_tokens}-token shared context, gemini-2.5-flash "
+        f"\n{args.items} items, {args.context_tokens}-token shared context, {args.model} "
         f"list prices, {args.workers} workers, storage billed until TTL ({TTL}s) expiry"
     )
     print(

@@ -166,8 +166,11 @@ def test_batch_requests_naming_a_live_cache_bill_cached_tokens_and_an_expired_on
         batch = emulator.stats()["billed_by_path"]["batch"]
         assert batch["cached_tokens"] == 4 * cache_tokens
         assert batch["input_tokens"] == sum(count_tokens(t) for t in prompts.values())
-        _, _, price_cached, _ = gemini_prices(MODEL)
-        assert batch["cached_usd"] == pytest.approx(4 * cache_tokens * price_cached / 2 / 1e6)
+        # Batch Mode bills cached tokens at 2.5 Flash's standard cached price ("priced the
+        # same as for non-batch API traffic"); the table's batch path says so.
+        _, _, price_cached, _ = gemini_prices(MODEL, path="batch")
+        assert price_cached == gemini_prices(MODEL)[2]
+        assert batch["cached_usd"] == pytest.approx(4 * cache_tokens * price_cached / 1e6)
 
         # The short cache expired 10 minutes in, before the job finished an hour in.
         late = by_key(client.batches.get(name=doomed.name))["late"]

@@ -79,9 +79,21 @@ def billed(emulator: GeminiEmulator, path: str) -> dict[str, Any]:
     return dict(emulator.stats()["billed_by_path"][path])
 
 
-async def test_500_items_in_one_batch_job_with_the_shared_cache_at_the_batch_rate():
+@pytest.mark.parametrize(
+    ("model", "cached_discount"),
+    [
+        # 2.5 Flash: input and output at half price, cached input at the standard cached
+        # price ("priced the same as for non-batch API traffic").
+        ("gemini-2.5-flash", 1.0),
+        # 3.8 Flash halves the cached price in Batch Mode too.
+        ("gemini-3.8-flash", 0.5),
+    ],
+)
+async def test_500_items_in_one_batch_job_with_the_shared_cache_at_the_batch_rate(
+    model, cached_discount
+):
     with GeminiEmulator(batch_pending_seconds=0.1, batch_running_seconds=0.2) as emulator:
-        result = await run(cached(emulator, execution="batch"), 500)
+        result = await run(cached(emulator, execution="batch", model=model), 500)
         stats = emulator.stats()
         batch = billed(emulator, "batch")
     assert result.total_items == 500 and result.succeeded == 500
@@ -91,14 +103,16 @@ async def test_500_items_in_one_batch_job_with_the_shared_cache_at_the_batch_rat
     assert result.total_cached_tokens == batch["cached_tokens"] > 0
     assert result.total_input_tokens == batch["input_tokens"] + batch["cached_tokens"]
     assert result.total_output_tokens == batch["output_tokens"]
-    pricing = gemini_pricing(MODEL)
+    pricing = gemini_pricing(model)
     assert result.usage_by_path().keys() == {"batch"}
     assert result.estimated_cost(pricing) == pytest.approx(batch["total_usd"], rel=1e-9)
     assert all(r.metadata.get("price_path") == "batch" for r in result.results)
-    standard_cost = pricing.cost(
-        result.total_input_tokens, result.total_output_tokens, result.total_cached_tokens
+    tokens = (result.total_input_tokens, result.total_output_tokens, result.total_cached_tokens)
+    uncached_and_output = pricing.cost(tokens[0] - tokens[2], tokens[1])
+    cached_cost = pricing.cost(tokens[2], 0, tokens[2])
+    assert result.estimated_cost(pricing) == pytest.approx(
+        uncached_and_output / 2 + cached_cost * cached_discount
     )
-    assert result.estimated_cost(pricing) < 0.6 * standard_cost
 
 
 async def test_batch_outputs_equal_online_outputs():
