@@ -123,6 +123,40 @@ class ProcessorConfig(BaseModel):
         "finishes (e.g. a cost preview's cost_per_item_usd). Empty: items start one at a time "
         "until the first finishes, then the mean cost of finished items is used.",
     )
+    # -- one quota across processes (docs/guides/scale-out.md) --
+    global_limit_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,90}$",
+        description="Share the provider quota with every process using this name: Prefect "
+        "global concurrency limits <name>-rpm and <name>-tpm (letters, digits, . _ -).",
+    )
+    global_requests_per_minute: int | None = Field(
+        None, gt=0, description="With global_limit_name: requests per minute, all processes."
+    )
+    global_tokens_per_minute: int | None = Field(
+        None,
+        gt=0,
+        description="With global_limit_name: tokens (input + output) per minute, all processes.",
+    )
+    global_tokens_per_call: int | None = Field(
+        None,
+        gt=0,
+        description="With global_tokens_per_minute: tokens to charge each call before it runs "
+        "(empty: the mean of this process's finished calls; a quarter of the prompt's "
+        "characters until one finishes).",
+    )
+    global_burst_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=30,
+        description="Seconds of quota the global limits may spend at once (their capacity); "
+        "the steady rate is the quota minus this burst, so no minute exceeds the quota.",
+    )
+    global_limit_create: bool = Field(
+        True,
+        description="Create or resize the global concurrency limits to match these settings "
+        "(off: use existing limits as they are; a missing one fails the calls).",
+    )
     keep_results: bool = Field(
         True, description="Keep every result in BatchResult.results (off: totals only)."
     )
@@ -173,6 +207,23 @@ class ProcessorConfig(BaseModel):
                 "cache_results needs one task per item (it persists each item's task result); "
                 "it cannot be combined with items_per_task. Drop one of the two."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _global_limits_consistent(self) -> ProcessorConfig:
+        rates = self.global_requests_per_minute or self.global_tokens_per_minute
+        if self.global_limit_name is None and rates:
+            raise ValueError(
+                "global_requests_per_minute / global_tokens_per_minute need global_limit_name "
+                "(the name every process sharing the quota uses, e.g. 'gemini-prod')."
+            )
+        if self.global_limit_name is not None and not rates:
+            raise ValueError(
+                f"global_limit_name {self.global_limit_name!r} needs "
+                "global_requests_per_minute and/or global_tokens_per_minute."
+            )
+        if self.global_tokens_per_call is not None and not self.global_tokens_per_minute:
+            raise ValueError("global_tokens_per_call needs global_tokens_per_minute.")
         return self
 
     @model_validator(mode="after")

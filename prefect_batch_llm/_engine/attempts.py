@@ -116,6 +116,8 @@ class ItemRun:
         self.settled = False
         self._last_failure: str | None = None
         self._path = "standard"
+        #: Tokens the global limits charged the call in progress (settled in `_record`).
+        self._global_charge: int | None = None
 
     @property
     def attempt_number(self) -> int:
@@ -189,6 +191,10 @@ class ItemRun:
     def _record(self, usage: TokenUsage) -> None:
         """Tokens of one call, on the price path it was made on."""
         add_usage(self.usage, usage)
+        limits, charged = self.runtime.global_limits, self._global_charge
+        if limits is not None and charged is not None:
+            self._global_charge = None
+            limits.settle(charged, usage)
         if usage:
             add_usage(self.usage_by_path.setdefault(self._path, TokenUsage()), usage)
         self.runtime.stats.record_usage(usage, self._path)
@@ -214,6 +220,9 @@ class ItemRun:
         runtime = self.runtime
         await runtime.lifecycle.ensure_prepared(strategy)
         limiter = runtime.limiter_for(strategy)
+        if runtime.global_limits is not None:  # the quota shared with other processes (first:
+            # a 429 here pauses at once the calls that were waiting for their global slots)
+            self._global_charge = await runtime.global_limits.acquire(self.item.prompt)
         passed_gate_at = await limiter.acquire()
         limit = runtime.config.timeout_per_item
         if self.deadline is not None:
@@ -299,6 +308,8 @@ class ItemRun:
             runtime.limiter_for(strategy).start_cooldown(
                 decision.cooldown, retry_after=info.suggested_wait
             )
+            if runtime.global_limits is not None:  # pauses every process sharing the quota
+                await runtime.global_limits.cooldown(decision.cooldown)
         error = describe(exc)
         if info.message:
             error = f"{error} ({info.message})"

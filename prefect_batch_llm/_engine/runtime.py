@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect_batch_llm._engine.global_limits import GlobalLimits
 from prefect_batch_llm._engine.lifecycle import StrategyLifecycle
 from prefect_batch_llm._engine.rate_limit import CooldownObserver, RateLimiter
 from prefect_batch_llm.config import ProcessorConfig
@@ -97,6 +98,8 @@ class BatchRuntime:
         self.stats = stats
         lifecycle.configure(config.retry, classifier)
         self._limiters: dict[str, RateLimiter] = {}
+        #: The quota shared with other processes (ProcessorConfig.global_*), if configured.
+        self.global_limits = GlobalLimits.for_config(config)
         self._accepts_state: dict[type, bool] = {}
         self._fingerprints: dict[int, str] = {}
         self._failure_artifacts_left = FAILED_ITEM_ARTIFACTS
