@@ -203,12 +203,14 @@ async def test_stored_results_expire_after_the_configured_time(emulator, tmp_pat
     ).save("ttl", overwrite=True)
     tag = uuid.uuid4().hex[:8]
     source = write_items(tmp_path / "items.jsonl", [f"{tag} q{i}" for i in range(3)])
-    config = {**FAST, "result_ttl_seconds": 2}
+    # 8 s: the second run starts within it even on a loaded machine (2 s flaked in CI).
+    config = {**FAST, "result_ttl_seconds": 8}
     kwargs = {"input": str(source), "strategy": "gemini-strategy/ttl", "config": config}
     await batch_llm(output=str(tmp_path / "1.jsonl"), **kwargs)
+    stored = time.monotonic()
     await batch_llm(output=str(tmp_path / "2.jsonl"), **kwargs)
     assert all(r.get("cached") for r in lines(tmp_path / "2.jsonl"))
-    await asyncio.sleep(2.5)
+    await asyncio.sleep(max(0.0, stored + 8.5 - time.monotonic()))
     await batch_llm(output=str(tmp_path / "3.jsonl"), **kwargs)
     assert not any(r.get("cached") for r in lines(tmp_path / "3.jsonl")), "expired results rerun"
     assert emulator.stats()["generate_calls"] == 6

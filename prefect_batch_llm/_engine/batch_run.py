@@ -332,18 +332,11 @@ class BatchRun:
 
     async def _execute(self) -> None:
         config = self.config
-        workers: list[Coroutine[Any, Any, None]]
-        if config.items_per_task is None:
-            run_item = item_task_for(config)
-            workers = [self._item_worker(run_item) for _ in range(config.max_workers)]
-        else:
-            slots = asyncio.Semaphore(config.max_workers)
-            workers = [self._chunk_worker(slots) for _ in range(self._chunk_workers())]
         try:
             async with asyncio.timeout(config.batch_timeout):
                 await self._provider_jobs()
                 async with asyncio.TaskGroup() as group:
-                    for worker in workers:
+                    for worker in self._workers():
                         group.create_task(worker)
         except TimeoutError:
             self._stopped = (
@@ -355,6 +348,14 @@ class BatchRun:
                 "are reported as failed (category batch_timeout).",
                 config.batch_timeout or 0.0,
             )
+
+    def _workers(self) -> list[Coroutine[Any, Any, None]]:
+        config = self.config
+        if config.items_per_task is None:
+            run_item = item_task_for(config)
+            return [self._item_worker(run_item) for _ in range(config.max_workers)]
+        slots = asyncio.Semaphore(config.max_workers)
+        return [self._chunk_worker(slots) for _ in range(self._chunk_workers())]
 
     async def _provider_jobs(self) -> None:
         """Batch Mode, when the first item's strategy runs its items as provider batch jobs:
