@@ -305,7 +305,8 @@ def test_cached_strategy_recovers_from_the_text_shapes_it_classifies_as_expired(
         pytest.param(
             GeminiCachedStrategy,
             {"frobnicate": True},
-            "'frobnicate': it is not a field. Valid fields: auto_renew, batch_inline_max_bytes, cache_renewal_buffer",
+            "'frobnicate': it is not a field. Valid fields: auto_renew, batch_inline_max_bytes, "
+            "cache_renewal_buffer",
             id="generic-lists-the-fields",
         ),
     ],
