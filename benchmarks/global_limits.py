@@ -14,11 +14,16 @@ given by --database-url) and measures, with `prefect_batch_llm._engine.global_li
   processes  1, 2 and 4 processes, 8 concurrent calls each (200 ms each), one 600-RPM limit
              with 2 s of burst: calls per minute reached, the busiest 1 s and 10 s windows
              against the bucket's bound, refusals and acquisition latency
-  cooldown   2 processes at 600 RPM; at t0 process 0 sees a 429 and pauses everyone for 5 s,
-             (a) through the limit's slots (PATCH active_slots, what the package does) or
-             (b) through a Prefect Variable `<name>-cooldown-until` each process re-reads
-             every second: how long the other process keeps starting calls after t0, and
-             when it resumes
+  cooldown   2 processes at 600 RPM; three times process 0 "gets a 429" and pauses everyone
+             for 5 s, (a) through the limit's slots (PATCH active_slots, what the package
+             does) or (b) through a Prefect Variable `<name>-cooldown-until` each process
+             re-reads at most every second (before and after taking its slot): how long the
+             other process keeps starting calls, and when calls resume
+  batch      real batches: 1, 2 and 4 processes, each a ParallelBatchProcessor with a
+             GeminiStrategy (16 workers, chunks of 50 items), against one Gemini emulator with
+             a 600 RPM quota, for --batch-seconds: % of the quota reached, the busiest minute,
+             429s, items lost or duplicated; and 2 processes limited in-process only
+             (max_requests_per_minute=600 each), the situation before global limits
 
 Prints one table per leg and writes benchmarks/global_limits.json. Ratios from one run on a
 shared machine; not a timed test.
@@ -376,6 +381,118 @@ def leg_cooldown(api_url: str, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+# -- real batches against the emulator ----------------------------------------------------
+
+
+async def batch_in_process(args: dict[str, Any]) -> dict[str, Any]:
+    from pydantic import SecretStr
+
+    from prefect_batch_llm import LLMWorkItem, ParallelBatchProcessor, ProcessorConfig
+    from prefect_batch_llm.gemini import GeminiCredentials, GeminiStrategy
+
+    strategy = GeminiStrategy(
+        credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=args["emulator_url"])
+    )
+    config = ProcessorConfig(
+        max_workers=16,
+        items_per_task=50,
+        report_artifacts=False,
+        progress_bar=False,
+        **args["config"],
+    )
+    processor = ParallelBatchProcessor(config)
+    for item_id, prompt in args["items"]:
+        await processor.add_work(LLMWorkItem(item_id=item_id, strategy=strategy, prompt=prompt))
+    await asyncio.sleep(max(0.0, args["start_at"] - time.time()))
+    result = await processor.process_all()
+    return {
+        "ids": [r.item_id for r in result.results if r.success],
+        "failed": sum(1 for r in result.results if not r.success),
+        "tokens": sum(
+            r.token_usage.get("input_tokens", 0) + r.token_usage.get("output_tokens", 0)
+            for r in result.results
+        ),
+    }
+
+
+def batch_process_main(args: dict[str, Any]) -> dict[str, Any]:
+    os.environ["PREFECT_API_URL"] = args["api_url"]
+    result: dict[str, Any] = asyncio.run(batch_in_process(args))
+    return result
+
+
+def leg_batch(api_url: str, seconds: float) -> list[dict[str, Any]]:
+    from prefect_batch_llm.testing import GeminiEmulator
+
+    rows = []
+    runs: list[tuple[str, int, dict[str, Any]]] = [
+        (f"global {RPM} RPM", count, {"global_requests_per_minute": RPM}) for count in (1, 2, 4)
+    ]
+    runs.append(("in-process only", 2, {"max_requests_per_minute": RPM}))
+    total = int(RPM * seconds / 60)
+    for label, count, limit in runs:
+        name = f"bench-batch-{count}-{int(time.time())}"
+        settings = dict(limit)
+        if "global_requests_per_minute" in settings:
+            settings |= {"global_limit_name": name, "global_burst_seconds": BURST_SECONDS}
+        settings["retry"] = {"max_rate_limit_retries": 50}
+        arrivals: list[float] = []
+        with GeminiEmulator(latency=0.3, latency_jitter=0.2, rpm=RPM) as emulator:
+            pick_fault = emulator.state.pick_fault
+
+            def record(
+                call: int | None,
+                prompt: str,
+                tier: str = "standard",
+                seen: list[float] = arrivals,
+                pick: Any = pick_fault,
+            ) -> Any:
+                seen.append(time.monotonic())
+                return pick(call, prompt, tier)
+
+            emulator.state.pick_fault = record  # type: ignore[method-assign]
+            start_at = time.time() + 10 + 3 * count
+            jobs = [
+                {
+                    "api_url": api_url,
+                    "emulator_url": emulator.base_url,
+                    "config": settings,
+                    "start_at": start_at,
+                    "items": [
+                        (f"p{p}-{i}", f"Question {i} of process {p}: " + "lorem ipsum " * 30)
+                        for i in range(p, total, count)
+                    ],
+                }
+                for p in range(count)
+            ]
+            began = time.monotonic()
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(count, mp_context=context) as pool:
+                results = list(pool.map(batch_process_main, jobs))
+            statuses = emulator.stats()["calls_by_status"]
+        ids = [item for r in results for item in r["ids"]]
+        span = (max(arrivals) - min(arrivals)) if arrivals else 0.0
+        answered = statuses.get("200", 0)
+        rows.append(
+            {
+                "limit": label,
+                "processes": count,
+                "items": total,
+                "succeeded": len(set(ids)),
+                "duplicated": len(ids) - len(set(ids)),
+                "lost": total - len(set(ids)) - sum(r["failed"] for r in results),
+                "wall_s": round(time.monotonic() - began),
+                "calls_per_min": round(60 * answered / span) if span else 0,
+                "pct_of_quota": round(100 * answered / span * 60 / RPM, 1) if span else 0,
+                "busiest_60s": busiest(arrivals, 60.0),
+                "429s": statuses.get("429", 0),
+                "429_pct_of_calls": round(100 * statuses.get("429", 0) / max(1, len(arrivals)), 1),
+            }
+        )
+        asyncio.run(reset_limit(name))
+    return rows
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -394,8 +511,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", help="the server's database (default: SQLite)")
     parser.add_argument("--api-url", help="use this running server instead of starting one")
-    parser.add_argument("--legs", default="overhead,slot-unit,processes,cooldown")
+    parser.add_argument("--legs", default="overhead,slot-unit,processes,cooldown,batch")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each run")
+    parser.add_argument(
+        "--batch-seconds", type=float, default=90.0, help="quota-minutes of work per batch run"
+    )
     parser.add_argument("--output", default=str(Path(__file__).with_suffix(".json")))
     options = parser.parse_args()
     legs = options.legs.split(",")
@@ -424,6 +544,9 @@ def main() -> None:
         if "cooldown" in legs:
             report["cooldown"] = leg_cooldown(api_url, options.seconds)
             print_table(f"a 429 pauses the other process ({database})", report["cooldown"])
+        if "batch" in legs:
+            report["batch"] = leg_batch(api_url, options.batch_seconds)
+            print_table(f"batches against a {RPM}-RPM emulator quota ({database})", report["batch"])
     finally:
         if server is not None:
             server.terminate()

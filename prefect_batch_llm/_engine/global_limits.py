@@ -6,7 +6,8 @@ frees slots continuously (Prefect's "rate limit" mode). Before each provider cal
 takes one request's slots from `<name>-rpm` and the call's estimated tokens from
 `<name>-tpm` (`POST /v2/concurrency_limits/increment`, mode `rate_limit`); when the bucket is
 full the server answers 423 and the process reads the limit (`GET`, which returns the slots
-left after decay) to sleep exactly until its slots are free. Nothing is released: slots decay.
+left after decay) to sleep until its slots are free (re-reading every 2 s of a long wait).
+Nothing is released: slots decay.
 
 Bucket sizes (configured on `ProcessorConfig`; `R` requests or tokens per minute, `b` the
 burst seconds): capacity `B = max(1 unit, R * b / 60)` and decay `(R - B) / 60` per second,
@@ -16,8 +17,8 @@ window of `w` seconds at most `B + (R - B) * w / 60`. The price is `B / R` of th
 
 A request is `SLOTS_PER_REQUEST` slots of the requests limit: the server applies decay as
 `floor(decay * seconds since the last update)` and then restarts the clock, so a decay of a
-few slots per second loses up to one slot per update (measured: 12-19 % of a 5-10/s limit
-with one slot per request, under 1 % with 100; `benchmarks/global_limits.py`).
+few slots per second loses up to one slot per update (measured on a 10/s limit: 66-76 % of
+its rate delivered with one slot per request, 85-99 % with 100; `benchmarks/global_limits.py`).
 
 A rate limit (429) seen by any process sets the first limit's active slots to its capacity
 plus `decay * cooldown` (`PATCH`): every process's next acquisition is refused until the
