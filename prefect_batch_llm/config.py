@@ -126,7 +126,7 @@ class ProcessorConfig(BaseModel):
     # -- one quota across processes (docs/guides/scale-out.md) --
     global_limit_name: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,90}$",
+        pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]){0,90}$",
         description="Share the provider quota with every process using this name: Prefect "
         "global concurrency limits <name>-rpm and <name>-tpm (letters, digits, . _ -).",
     )
