@@ -34,7 +34,7 @@ from prefect_batch_llm.items import LLMWorkItem
 from prefect_batch_llm.preview import preview_cost
 from prefect_batch_llm.processor import ParallelBatchProcessor
 from prefect_batch_llm.pydantic_ai import PydanticAIStrategy
-from prefect_batch_llm.results import BatchFailedError, ModelPricing
+from prefect_batch_llm.results import BatchFailedError, BatchResult, ModelPricing
 from prefect_batch_llm.strategy import LLMCallStrategy
 
 #: Stored results of the deployable flow are reused for 12 hours: long enough to resume a
@@ -182,6 +182,19 @@ def _default_output(path: str) -> str:
     return f"results/{stem}-{flow_run.get_name() or 'local'}.results.jsonl"
 
 
+def _conclude(batch: BatchResult[Any, Any], where: str) -> None:
+    """Log the counts; fail the run (after every result is written) when the batch failed."""
+    get_run_logger().info(
+        "%d items: %d succeeded, %d failed; results in %s",
+        batch.total_items,
+        batch.succeeded,
+        batch.failed,
+        where,
+    )
+    if batch.outcome.failed:
+        raise BatchFailedError(f"{batch.outcome.message}; results in {where}")
+
+
 @flow(name="batch-llm")
 async def batch_llm(
     input: str,
@@ -220,7 +233,6 @@ async def batch_llm(
         BatchFailedError: after the results file and artifacts are complete, when more items
             failed than `config.max_failed_fraction` allows, or every item failed.
     """
-    logger = get_run_logger()
     if not input_exists(input):
         raise FileNotFoundError(
             f"Input file {input!r} not found. Pass input= a path or fsspec URL of a .jsonl or "
@@ -273,16 +285,7 @@ async def batch_llm(
     summary = batch.summary(pricing)
     summary["duration_seconds"] = round(time.monotonic() - started, 3)
     summary["output"] = destination
-    logger.info(
-        "%d items: %d succeeded, %d failed; results in %s",
-        batch.total_items,
-        batch.succeeded,
-        batch.failed,
-        where,
-    )
-    outcome = batch.outcome
-    if outcome.failed:
-        raise BatchFailedError(f"{outcome.message}; results in {where}")
+    _conclude(batch, where)
     return summary
 
 
@@ -324,7 +327,7 @@ async def batch_llm_sharded(
 
     from prefect_batch_llm._reporting import markdown_report
     from prefect_batch_llm.files.shards import shard_results, split_input
-    from prefect_batch_llm.results import BatchResult, ResultTotals
+    from prefect_batch_llm.results import ResultTotals
 
     logger = get_run_logger()
     if not input_exists(input):
@@ -387,13 +390,5 @@ async def batch_llm_sharded(
     summary = batch.summary(pricing)
     summary["output"] = destination
     summary["shards"] = outcomes
-    logger.info(
-        "%d items: %d succeeded, %d failed; results in %s",
-        batch.total_items,
-        batch.succeeded,
-        batch.failed,
-        where,
-    )
-    if batch.outcome.failed:
-        raise BatchFailedError(f"{batch.outcome.message}; results in {where}")
+    _conclude(batch, where)
     return summary
