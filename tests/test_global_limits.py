@@ -115,14 +115,21 @@ async def test_limits_are_created_sized_and_checked():
     limits = GlobalLimits.for_config(config)
     assert limits is not None
     try:
+        before = time.monotonic()
         assert await limits.acquire("x" * 40) == 10
         async with get_client() as client:
             rpm = await client.read_global_concurrency_limit_by_name(f"{name}-rpm")
             tpm = await client.read_global_concurrency_limit_by_name(f"{name}-tpm")
+        read_within = time.monotonic() - before
         assert rpm.limit == 4 * SLOTS_PER_REQUEST
         assert rpm.slot_decay_per_second == pytest.approx(116 * SLOTS_PER_REQUEST / 60)
         assert (tpm.limit, tpm.slot_decay_per_second) == (2_000, pytest.approx(58_000 / 60))
-        assert 0 < rpm.active_slots <= SLOTS_PER_REQUEST  # one request, decaying since
+        # One request, decaying since: its 100 slots are gone after 100 / 193.3 = 0.52 s, so
+        # the lower bound is checked only when the read came sooner (a loaded CI machine
+        # once took longer and read 0).
+        assert rpm.active_slots <= SLOTS_PER_REQUEST
+        if read_within < 0.4:
+            assert rpm.active_slots > 0
     finally:
         await delete_limits(name)
 
