@@ -19,6 +19,7 @@ from pydantic import BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from prefect_batch_llm.config import ProcessorConfig
+from prefect_batch_llm.errors import describe
 from prefect_batch_llm.files import (
     InvalidInput,
     RejectedInput,
@@ -289,6 +290,23 @@ async def batch_llm(
     return summary
 
 
+async def _prepare_for_shards(strategy: LLMCallStrategy[Any]) -> bool:
+    """Prepare the shards' strategy once (a Gemini context cache is created here, and every
+    shard run adopts it). A failure is logged, not raised: each shard then prepares it itself
+    and gives every item its result, as a batch whose preparation failed does."""
+    try:
+        await strategy.prepare()
+    except Exception as exc:  # the shards report it per item
+        get_run_logger().warning(
+            "Preparing %s before the shards failed (%s); each shard prepares it itself",
+            type(strategy).__name__,
+            describe(exc),
+        )
+        await strategy.cleanup()
+        return False
+    return True
+
+
 @flow(name="batch-llm-sharded")
 async def batch_llm_sharded(
     input: str,
@@ -360,7 +378,15 @@ async def batch_llm_sharded(
         state = child.state
         return f"{child.name}: {state.name if state else 'unknown'}"
 
-    outcomes = await asyncio.gather(*(run_shard(p.number, p.input, p.output) for p in parts))
+    # Prepared once here, before any shard starts, so the shards adopt one context cache
+    # instead of racing to create one each; cleaned up after every shard has ended.
+    shared_strategy = _on_path(chosen, execution)
+    prepared = await _prepare_for_shards(shared_strategy)
+    try:
+        outcomes = await asyncio.gather(*(run_shard(p.number, p.input, p.output) for p in parts))
+    finally:
+        if prepared:
+            await shared_strategy.cleanup()
     totals = ResultTotals()
     with ResultsWriter(destination) as writer:
         for result in invalid:
@@ -373,7 +399,7 @@ async def batch_llm_sharded(
     batch: BatchResult[Any, Any] = BatchResult(results=[], totals=totals)
     batch.duration = time.monotonic() - started
     batch.max_failed_fraction = config.max_failed_fraction
-    pricing = _pricing_for(_on_path(chosen, execution))
+    pricing = _pricing_for(shared_strategy)
     where = _absolute(destination)
     details = {
         "Input": _absolute(input),

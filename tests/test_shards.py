@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from pydantic import SecretStr
 
 from prefect_batch_llm.files.shards import split_input
 from prefect_batch_llm.flows import batch_llm_sharded
-from prefect_batch_llm.gemini import GeminiCredentials, GeminiStrategy
+from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiCredentials, GeminiStrategy
 from prefect_batch_llm.results import BatchFailedError
 from prefect_batch_llm.testing import Fault, GeminiEmulator
 
@@ -142,3 +145,99 @@ async def test_every_item_fails_so_the_sharded_run_fails_after_writing_every_res
             )
     results = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(results) == 6 and not any(r["success"] for r in results)
+
+
+def flow_run_processes(flow_run_id: str) -> list[int]:
+    """Pids of the processes a worker started for one flow run (by its PREFECT__FLOW_RUN_ID)."""
+    wanted = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+    return pids
+
+
+async def kill_shard_when_it_has_results(shard_input: Path, partial: Path, at_least: int) -> str:
+    """SIGKILL the flow run process of the shard reading `shard_input`, once its results
+    file has `at_least` lines; returns the flow run's id."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        lines = partial.read_text().count("\n") if partial.exists() else 0
+        if lines >= at_least:
+            async with get_client() as client:
+                runs = await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(state={"type": {"any_": ["RUNNING"]}})
+                )
+            for run in runs:
+                if run.parameters.get("input") == str(shard_input):
+                    pids = flow_run_processes(str(run.id))
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                    if pids:
+                        return str(run.id)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"shard {shard_input} never had {at_least} results")
+
+
+async def test_four_shards_share_one_cache_and_a_shard_killed_mid_run_resumes_its_unfinished_items(
+    shard_worker, tmp_path
+):
+    source = tmp_path / "items.jsonl"
+    write_items(source, 40, topic="Killed shard question")
+    output = tmp_path / "all.results.jsonl"
+    shard_input = Path(f"{output}.shards") / "shard-000.jsonl"
+    partial = Path(f"{output}.shards") / "shard-000.results.jsonl.partial"
+    with GeminiEmulator(latency=0.25) as emulator:
+        await GeminiCachedStrategy(
+            credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url),
+            system_instruction="You answer from the handbook.",
+            cached_documents=["The handbook. " * 400],
+        ).save("shard-cached", overwrite=True)
+        arguments = {
+            "input": str(source),
+            "strategy": "gemini-cached-strategy/shard-cached",
+            "output": str(output),
+            "shards": 4,
+            "shard_deployment": "batch-llm/shard-test",
+            "config": {"max_workers": 1},
+        }
+        run = asyncio.create_task(batch_llm_sharded(**arguments, return_state=True))
+        killed = await kill_shard_when_it_has_results(shard_input, partial, at_least=3)
+        state = await run
+        first = emulator.stats()
+        with emulator.state.lock:
+            cache_created_at = [c.create_time for c in emulator.state.caches.values()]
+        results = [json.loads(line) for line in output.read_text().splitlines()]
+
+        again = await batch_llm_sharded(**arguments)
+        second = emulator.stats()
+
+    # The killed shard's run crashed; the parent still wrote one result per item and failed.
+    assert state.is_failed()
+    async with get_client() as client:
+        assert (await client.read_flow_run(killed)).state.is_crashed()  # type: ignore[union-attr]
+    assert sorted(r["id"] for r in results) == sorted(f"s{i}" for i in range(40))
+    unfinished = [r["id"] for r in results if not r["success"]]
+    finished = [r["id"] for r in results if r["success"]]
+    assert 0 < len(unfinished) < 10 and all(int(i[1:]) % 4 == 0 for i in unfinished), (
+        "only shard 0's items (s0, s4, ...) lack a result, and it had finished some"
+    )
+    assert len(finished) >= 30 + 3
+    # The re-run calls the model for the killed shard's unfinished items only.
+    assert second["generate_calls"] - first["generate_calls"] == len(unfinished)
+    assert again["succeeded"] == 40
+    # One context cache for the four shards of both runs: made by the parent before any shard
+    # started (so shards on many machines never race to create it), adopted by every shard.
+    assert second["caches"]["created"] == 1
+    async with get_client() as client:
+        shard_runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[state.state_details.flow_run_id]
+                )
+            )
+        )
+    assert len(shard_runs) == 4
+    assert cache_created_at[0] < min(r.start_time for r in shard_runs if r.start_time)
