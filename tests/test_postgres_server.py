@@ -124,6 +124,9 @@ def test_start_run_a_batch_find_it_in_postgres_and_stop(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         assert "PREFECT_API_URL=" + state["api_url"] in (tmp_path / "server.log").read_text()
+        # Sized for batch ingest unless the environment says otherwise.
+        settings = httpx.get(f"{state['api_url']}/admin/settings", timeout=10).json()
+        assert settings["server"]["services"]["task_run_recorder"]["batch_size"] == 500
 
         status = script("status", "--data-dir", str(data_dir), env=env)
         assert status.returncode == 0, status.stdout + status.stderr

@@ -10,8 +10,9 @@ cluster in the data directory on first use (`initdb`, a generated password, loop
 starts it, creates the `prefect` database, then runs `prefect server start` with
 `PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...` and prints the
 `PREFECT_API_URL` to use. Ctrl-C, SIGTERM or `stop` stops the Prefect server, then Postgres.
-The environment passes through to the Prefect server, so server settings
-(`PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE=...`) apply as usual.
+The server gets `INGEST_SETTINGS` (the task run recorder's batch and the connection pool,
+sized for batches) unless the environment sets them; the environment passes through, so any
+other server setting applies as usual.
 
 PostgreSQL refuses to run as root: as root, `initdb` and `pg_ctl` run as Debian's `postgres`
 user (`runuser -u postgres`), the default data directory is in that user's home and a
@@ -47,6 +48,16 @@ CLUSTER_USER = "postgres"  # Debian's postgresql package creates it; used only w
 DB_USER = "prefect"
 DB_NAME = "prefect"
 REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
+#: Server settings for batch ingest, applied unless the environment sets them: the task run
+#: recorder writes up to 500 rows per transaction (Prefect's default, 1, recorded ~22 task
+#: runs a second here and fell behind a batch; these ~150, benchmarks/server_ingest.py) and a
+#: larger connection pool for many workers. See docs/guides/scale-out.md.
+INGEST_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
+}
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in "
     "/usr/lib/postgresql/*/bin or on PATH. Install them: apt-get install -y postgresql "
@@ -395,6 +406,7 @@ def serve(args: argparse.Namespace) -> int:
         url = cluster.database_url()
         api_url = f"http://{args.host}:{api_port}/api"
         env = {
+            **INGEST_SETTINGS,
             **os.environ,
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": url,
             "PREFECT_API_DATABASE_CONNECTION_URL": url,
