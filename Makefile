@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test lint docs check benchmark clean postgres-server e2e-postgres
+.PHONY: install demo test lint docs check benchmark benchmark-scale clean postgres-server e2e-postgres
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ check: lint docs test
 benchmark: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/gemini_cache_billing.py
+
+# Scale-out benchmarks (PostgreSQL from Debian, ~40 min): server ingest, shards on workers.
+benchmark-scale: $(STAMP)
+	$(BIN)/python benchmarks/server_ingest.py
+	$(BIN)/python benchmarks/scale_out.py
 
 # A Postgres-backed Prefect server (PostgreSQL from Debian: apt-get install -y postgresql);
 # Ctrl-C stops it. Options: make postgres-server POSTGRES_SERVER_ARGS="--port 5433 --detach"
