@@ -14,6 +14,14 @@ os.environ.pop("PREFECT_API_URL", None)
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from prefect_batch_llm.testing.postgres_server import INGEST_SETTINGS
+
+# The test server records task runs in batches, as the guide says to run a server for batches:
+# with Prefect's default (one row per transaction) it spent ~25 s of CPU after each
+# 500-item test recording it, slowing the next tests on a 2-core machine.
+for _key, _value in INGEST_SETTINGS.items():
+    os.environ.setdefault(_key, _value)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
