@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test lint docs check benchmark benchmark-scale clean postgres-server e2e-postgres
+.PHONY: install demo test lint docs check benchmark benchmark-scale benchmark-dask clean postgres-server e2e-postgres
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ benchmark-scale: $(STAMP)
 	$(BIN)/python benchmarks/server_ingest.py
 	$(BIN)/python benchmarks/scale_out.py
 
+# prefect-dask's DaskTaskRunner against the processor (~5 min); prefect-dask is not a
+# dependency of the project, so it gets its own venv.
+benchmark-dask:
+	$(PYTHON) -m venv .venv-dask
+	.venv-dask/bin/python -m pip install --quiet -e . prefect-dask==0.3.7
+	.venv-dask/bin/python benchmarks/dask_runner.py --items 300
+
 # A Postgres-backed Prefect server (PostgreSQL from Debian: apt-get install -y postgresql);
 # Ctrl-C stops it. Options: make postgres-server POSTGRES_SERVER_ARGS="--port 5433 --detach"
 postgres-server: $(STAMP)
@@ -57,4 +64,4 @@ e2e-postgres: $(STAMP)
 	BATCH_LLM_E2E_DATABASE=postgres $(BIN)/python -m pytest tests/test_deployment_e2e.py
 
 clean:
-	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-dask site .mypy_cache .ruff_cache .pytest_cache
