@@ -150,6 +150,19 @@ def _on_path(strategy: LLMCallStrategy[Any], execution: Execution | None) -> LLM
     return strategy.model_copy(update={"execution": execution})
 
 
+SHARD_TAG = "batch-llm-shard"
+"""The tag of a shard run of `batch-llm-sharded`: its parent owns the shared resources."""
+
+
+def _for_this_run(strategy: LLMCallStrategy[Any]) -> LLMCallStrategy[Any]:
+    """A shard run leaves the context cache in place: the sharded parent made it before the
+    shards and deletes it after the last one (with `delete_cache_on_cleanup`), so one shard
+    that finishes early cannot delete the cache the others are still using."""
+    if SHARD_TAG in flow_run.tags and isinstance(strategy, GeminiCachedStrategy):
+        return strategy.model_copy(update={"delete_cache_on_cleanup": False})
+    return strategy
+
+
 def _artifact_key_for(input: str) -> str:
     """`batch-llm-<deployment name>`, or `batch-llm-<input file name>` outside a deployment."""
     name = deployment.name or PurePosixPath(input.split("?", 1)[0]).stem
@@ -248,7 +261,7 @@ async def batch_llm(
             "check the path and the file's contents."
         )
     chosen, strategy_name = await _chosen_strategy(strategy)
-    chosen = _on_path(chosen, execution)
+    chosen = _for_this_run(_on_path(chosen, execution))
     updates: dict[str, Any] = {"artifact_key": config.artifact_key or _artifact_key_for(input)}
     if fresh:
         updates["refresh_cache"] = True
@@ -373,7 +386,11 @@ async def batch_llm_sharded(
             "execution": execution,
         }
         child: FlowRun = await run_deployment(  # type: ignore[misc]
-            shard_deployment, parameters=parameters, as_subflow=True, timeout=None
+            shard_deployment,
+            parameters=parameters,
+            as_subflow=True,
+            timeout=None,
+            tags=[SHARD_TAG],
         )
         state = child.state
         return f"{child.name}: {state.name if state else 'unknown'}"

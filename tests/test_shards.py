@@ -241,3 +241,35 @@ async def test_four_shards_share_one_cache_and_a_shard_killed_mid_run_resumes_it
         )
     assert len(shard_runs) == 4
     assert cache_created_at[0] < min(r.start_time for r in shard_runs if r.start_time)
+
+
+async def test_with_delete_cache_on_cleanup_only_the_parent_deletes_the_cache_after_every_shard(
+    shard_worker, tmp_path
+):
+    source = tmp_path / "items.jsonl"
+    write_items(source, 12, topic="One-off job question")
+    output = tmp_path / "all.results.jsonl"
+    # Shard 1's first item answers late: shards 0 and 2 end while shard 1 still uses the cache.
+    slow = Fault(kind="slow", prompt_contains="One-off job question 1?", delay=4.0)
+    with GeminiEmulator(latency=0.1, faults=[slow]) as emulator:
+        await GeminiCachedStrategy(
+            credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url),
+            cached_documents=["The one-off handbook. " * 400],
+            delete_cache_on_cleanup=True,
+        ).save("shard-one-off", overwrite=True)
+        summary = await batch_llm_sharded(
+            input=str(source),
+            strategy="gemini-cached-strategy/shard-one-off",
+            output=str(output),
+            shards=3,
+            shard_deployment="batch-llm/shard-test",
+            config={"max_workers": 1},
+        )
+        stats = emulator.stats()
+
+    assert summary["succeeded"] == 12
+    # The parent made the cache before the shards and deleted it once after the last one;
+    # no shard deleted it from under another (which would have made a second, billed cache).
+    assert stats["caches"]["created"] == 1
+    assert stats["calls_by_endpoint"].get("cachedContents.delete") == 1
+    assert stats["caches"]["live"] == 0, "deleted at the end: nothing left to bill"
