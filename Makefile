@@ -47,7 +47,7 @@ benchmark-scale: $(STAMP)
 	$(BIN)/python benchmarks/server_ingest.py
 	$(BIN)/python benchmarks/scale_out.py
 
-# prefect-dask's DaskTaskRunner against the processor (~5 min); prefect-dask is not a
+# prefect-dask's DaskTaskRunner against the processor (~6 min); prefect-dask is not a
 # dependency of the project, so it gets its own venv.
 benchmark-dask:
 	$(PYTHON) -m venv .venv-dask

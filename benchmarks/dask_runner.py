@@ -30,12 +30,20 @@ runs. Prints a table and writes JSON (default benchmarks/dask_runner.json).
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before Prefect is imported (its settings are read at import). Spawned Dask workers
-# re-import this module as __mp_main__ and inherit the variables.
+# re-import this module as __mp_main__ and inherit the variables. Prefect's home is a new
+# temporary directory of this run, removed at the end (the user's PREFECT_HOME is not used),
+# and no run reaches the user's Prefect server or Cloud workspace.
+if "_DASK_RUNNER_WORKDIR" not in os.environ:  # set once, by the main process
+    os.environ["_DASK_RUNNER_WORKDIR"] = tempfile.mkdtemp(prefix="dask-runner-")
+os.environ["PREFECT_HOME"] = os.path.join(os.environ["_DASK_RUNNER_WORKDIR"], "prefect-home")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_API_KEY", None)
+os.environ.pop("PREFECT_PROFILE", None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_HOME", "/tmp/dask-runner-bench/prefect-home")
 
 import argparse
 import asyncio
@@ -497,8 +505,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
     n, legs = args.items, args.legs.split(",")
-    shutil.rmtree(HOME.parent, ignore_errors=True)
-    HOME.mkdir(parents=True)
+    HOME.mkdir(parents=True, exist_ok=True)
 
     canary = f"CANARY-{uuid.uuid4().hex}"
     emulator, base_url = start_emulator(args.latency, canary)
@@ -569,6 +576,7 @@ def main() -> None:
         server.stop()
         emulator.terminate()
         emulator.wait(10)
+        shutil.rmtree(HOME.parent, ignore_errors=True)  # this run's temporary directory
 
     print(f"\nN={n} concurrency={CONCURRENCY} latency={args.latency}s ", end="")
     print(f"python {platform.python_version()} cpus {os.cpu_count()}")
