@@ -8,7 +8,7 @@ with the ingest settings of docs/guides/scale-out.md), a Gemini emulator in this
 process work pool with the `batch-llm` flow of this checkout deployed on it, and for each
 worker count N: N `prefect worker start --limit 1` processes (one flow run each, as N
 machines would), then a client process runs the `batch-llm-sharded` flow with `shards=N`
-over the items through a saved `GeminiCachedStrategy` (a ~1,400-token cached context).
+over the items through a saved `GeminiCachedStrategy` (a ~1,350-token cached context).
 
   quota  the emulator enforces 600 requests and 900,000 tokens (prompt tokens, cached
          included) per sliding minute (429 beyond); every shard shares one global limit of

@@ -18,6 +18,7 @@ from prefect.runtime import deployment, flow_run
 from pydantic import BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from prefect_batch_llm._engine.lifecycle import StrategyLifecycle
 from prefect_batch_llm.config import ProcessorConfig
 from prefect_batch_llm.errors import describe
 from prefect_batch_llm.files import (
@@ -158,8 +159,13 @@ def _for_this_run(strategy: LLMCallStrategy[Any]) -> LLMCallStrategy[Any]:
     """A shard run leaves the context cache in place: the sharded parent made it before the
     shards and deletes it after the last one (with `delete_cache_on_cleanup`), so one shard
     that finishes early cannot delete the cache the others are still using."""
-    if SHARD_TAG in flow_run.tags and isinstance(strategy, GeminiCachedStrategy):
+    if SHARD_TAG not in flow_run.tags:
+        return strategy
+    if isinstance(strategy, GeminiCachedStrategy):
         return strategy.model_copy(update={"delete_cache_on_cleanup": False})
+    if isinstance(strategy, PydanticAIStrategy) and strategy.context_cache is not None:
+        cache = strategy.context_cache.model_copy(update={"delete_cache_on_cleanup": False})
+        return strategy.model_copy(update={"context_cache": cache})
     return strategy
 
 
@@ -303,21 +309,35 @@ async def batch_llm(
     return summary
 
 
-async def _prepare_for_shards(strategy: LLMCallStrategy[Any]) -> bool:
-    """Prepare the shards' strategy once (a Gemini context cache is created here, and every
-    shard run adopts it). A failure is logged, not raised: each shard then prepares it itself
-    and gives every item its result, as a batch whose preparation failed does."""
+async def _prepare_for_shards(lifecycle: StrategyLifecycle, strategy: LLMCallStrategy[Any]) -> None:
+    """Prepare the shards' strategy once, retried as a batch retries it (a Gemini context
+    cache is created here, and every shard run adopts it). A failure is logged, not raised:
+    each shard then prepares it itself and gives every item its result, as a batch whose
+    preparation failed does."""
     try:
-        await strategy.prepare()
+        await lifecycle.ensure_prepared(strategy)
     except Exception as exc:  # the shards report it per item
         get_run_logger().warning(
             "Preparing %s before the shards failed (%s); each shard prepares it itself",
             type(strategy).__name__,
             describe(exc),
         )
-        await strategy.cleanup()
-        return False
-    return True
+
+
+async def _check_deployment(name: str) -> None:
+    """The shard deployment exists (checked before anything is prepared or billed)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        async with get_client() as client:
+            await client.read_deployment_by_name(name)
+    except (ObjectNotFound, ValueError):
+        raise ValueError(
+            f"shard_deployment={name!r}: no such deployment. Name a deployment of the "
+            "batch-llm flow as 'flow-name/deployment-name' (see `prefect deployment ls`), "
+            "e.g. 'batch-llm/file-batch' from prefect.yaml (`prefect deploy --all`)."
+        ) from None
 
 
 @flow(name="batch-llm-sharded")
@@ -367,8 +387,18 @@ async def batch_llm_sharded(
     check_output_path(input, destination)
     chosen, strategy_name = await _chosen_strategy(strategy)
     if strategy_name.endswith("/(unsaved block)"):
-        raise ValueError("Shards load the strategy by name: pass a saved block.")
+        raise ValueError(
+            "Shard runs load the strategy by its block name: save the block first "
+            "(`strategy.save('my-strategy')`) and pass 'block-type-slug/block-name', e.g. "
+            "'gemini-cached-strategy/handbook-qa'."
+        )
+    await _check_deployment(shard_deployment)
     parts, invalid = split_input(input, f"{destination}.shards", shards)
+    if not parts and not invalid:
+        raise BatchFailedError(
+            f"Input {input!r} has no items (no non-empty line). Nothing was sent to the LLM; "
+            "check the path and the file's contents."
+        )
     key = config.artifact_key or _artifact_key_for(input)
     logger.info(
         "%d item(s) in %d shard(s) of %s", sum(len(p.ids) for p in parts), len(parts), input
@@ -395,15 +425,31 @@ async def batch_llm_sharded(
         state = child.state
         return f"{child.name}: {state.name if state else 'unknown'}"
 
+    lost: list[str] = []
+
+    async def follow_shard(number: int, shard_input: str, shard_output: str) -> str:
+        """The shard run's outcome; if it cannot be followed to its end (the Prefect server
+        unreachable), its items get resume results and the run may still be going."""
+        try:
+            return await run_shard(number, shard_input, shard_output)
+        except Exception as exc:
+            lost.append(f"shard {number}")
+            logger.error("Lost track of shard %d's run: %s", number, describe(exc))
+            return f"shard {number}: not followed to its end ({describe(exc)})"
+
     # Prepared once here, before any shard starts, so the shards adopt one context cache
     # instead of racing to create one each; cleaned up after every shard has ended.
     shared_strategy = _on_path(chosen, execution)
-    prepared = await _prepare_for_shards(shared_strategy)
+    lifecycle = StrategyLifecycle(config.retry)
     try:
-        outcomes = await asyncio.gather(*(run_shard(p.number, p.input, p.output) for p in parts))
+        if parts:
+            await _prepare_for_shards(lifecycle, shared_strategy)
+        outcomes = await asyncio.gather(*(follow_shard(p.number, p.input, p.output) for p in parts))
     finally:
-        if prepared:
-            await shared_strategy.cleanup()
+        if lost:  # their runs may still use the cache: leave it (and its TTL) to them
+            logger.warning("Not cleaning up %s: %s may still be running", strategy_name, lost)
+        else:
+            await lifecycle.cleanup_all()  # logs a failed cleanup; the results still get written
     totals = ResultTotals()
     with ResultsWriter(destination) as writer:
         for result in invalid:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect import flow, tags
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
@@ -20,9 +21,11 @@ from prefect.flows import Flow
 from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
+from prefect_batch_llm import flows
 from prefect_batch_llm.files.shards import split_input
-from prefect_batch_llm.flows import batch_llm_sharded
+from prefect_batch_llm.flows import SHARD_TAG, _for_this_run, batch_llm_sharded
 from prefect_batch_llm.gemini import GeminiCachedStrategy, GeminiCredentials, GeminiStrategy
+from prefect_batch_llm.pydantic_ai import PydanticAIStrategy
 from prefect_batch_llm.results import BatchFailedError
 from prefect_batch_llm.testing import Fault, GeminiEmulator
 
@@ -189,7 +192,9 @@ async def test_four_shards_share_one_cache_and_a_shard_killed_mid_run_resumes_it
     output = tmp_path / "all.results.jsonl"
     shard_input = Path(f"{output}.shards") / "shard-000.jsonl"
     partial = Path(f"{output}.shards") / "shard-000.results.jsonl.partial"
-    with GeminiEmulator(latency=0.25) as emulator:
+    # Shard 0's fifth item answers late (once), so the kill lands mid-run on a loaded machine.
+    late = Fault(kind="slow", prompt_contains="Killed shard question 16?", delay=20.0, times=1)
+    with GeminiEmulator(latency=0.25, faults=[late]) as emulator:
         await GeminiCachedStrategy(
             credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url),
             system_instruction="You answer from the handbook.",
@@ -273,3 +278,98 @@ async def test_with_delete_cache_on_cleanup_only_the_parent_deletes_the_cache_af
     assert stats["caches"]["created"] == 1
     assert stats["calls_by_endpoint"].get("cachedContents.delete") == 1
     assert stats["caches"]["live"] == 0, "deleted at the end: nothing left to bill"
+
+
+def one_off_cache() -> GeminiCachedStrategy:
+    return GeminiCachedStrategy(cached_documents=["The handbook."], delete_cache_on_cleanup=True)
+
+
+@flow
+def strategy_in_this_run(strategy: object) -> object:
+    return _for_this_run(strategy)  # type: ignore[arg-type]
+
+
+def deletes_its_cache(strategy: object) -> bool:
+    if isinstance(strategy, PydanticAIStrategy):
+        strategy = strategy.context_cache
+    return isinstance(strategy, GeminiCachedStrategy) and strategy.delete_cache_on_cleanup
+
+
+@pytest.mark.parametrize(
+    ("strategy", "tagged", "deletes"),
+    [
+        (one_off_cache(), False, True),
+        (one_off_cache(), True, False),
+        (PydanticAIStrategy(context_cache=one_off_cache(), output_mode="native"), False, True),
+        (PydanticAIStrategy(context_cache=one_off_cache(), output_mode="native"), True, False),
+        (GeminiStrategy(), True, False),
+    ],
+    ids=["cached", "cached-shard", "agent-cache", "agent-cache-shard", "uncached-shard"],
+)
+def test_a_shard_run_leaves_the_parents_cache_even_inside_an_agent(strategy, tagged, deletes):
+    before = deletes_its_cache(strategy)
+    with tags(*([SHARD_TAG] if tagged else [])):
+        used = strategy_in_this_run(strategy)
+    assert deletes_its_cache(used) is deletes
+    assert deletes_its_cache(strategy) is before, "the block itself is not changed"
+
+
+async def test_an_unknown_shard_deployment_is_named_before_a_cache_is_made(tmp_path):
+    source = tmp_path / "items.jsonl"
+    write_items(source, 4)
+    with GeminiEmulator() as emulator:
+        await GeminiCachedStrategy(
+            credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url),
+            cached_documents=["The handbook. " * 400],
+        ).save("shard-typo", overwrite=True)
+        with pytest.raises(ValueError, match=r"shard_deployment='batch-llm/fil-batch': no such"):
+            await batch_llm_sharded(
+                input=str(source),
+                strategy="gemini-cached-strategy/shard-typo",
+                output=str(tmp_path / "out.jsonl"),
+                shard_deployment="batch-llm/fil-batch",
+            )
+        assert emulator.stats()["caches"]["created"] == 0, "nothing billed"
+
+
+async def test_a_shard_run_lost_from_sight_gets_resume_results_and_keeps_the_cache(
+    shard_worker, tmp_path, monkeypatch
+):
+    """The Prefect server stops answering the parent about one shard (faked: the one part
+    that cannot be made real here); the other shard completes."""
+    real_run_deployment = flows.run_deployment
+
+    async def run_deployment(name, parameters, **kwargs):  # type: ignore[no-untyped-def]
+        if parameters["input"].endswith("shard-001.jsonl"):
+            raise ConnectionError("the Prefect server did not answer")
+        return await real_run_deployment(name, parameters=parameters, **kwargs)
+
+    monkeypatch.setattr(flows, "run_deployment", run_deployment)
+    source = tmp_path / "items.jsonl"
+    write_items(source, 6, topic="Lost shard question")
+    output = tmp_path / "all.results.jsonl"
+    with GeminiEmulator() as emulator:
+        await GeminiCachedStrategy(
+            credentials=GeminiCredentials(api_key=SecretStr("k"), base_url=emulator.base_url),
+            cached_documents=["The lost handbook. " * 400],
+            delete_cache_on_cleanup=True,
+        ).save("shard-lost", overwrite=True)
+        with pytest.raises(BatchFailedError):
+            await batch_llm_sharded(
+                input=str(source),
+                strategy="gemini-cached-strategy/shard-lost",
+                output=str(output),
+                shards=2,
+                shard_deployment="batch-llm/shard-test",
+                config={"max_workers": 2, "max_failed_fraction": 0.1},
+            )
+        stats = emulator.stats()
+
+    results = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    assert sorted(results) == sorted(f"s{i}" for i in range(6)), "every item has one result"
+    assert all(results[f"s{i}"]["success"] for i in (0, 2, 4))
+    for i in (1, 3, 5):
+        assert "not followed to its end" in results[f"s{i}"]["error"]
+        assert "run the sharded flow again" in results[f"s{i}"]["error"]
+    # The lost shard's run may still be using the cache: the parent leaves it.
+    assert stats["caches"]["created"] == 1 and stats["caches"]["live"] == 1
