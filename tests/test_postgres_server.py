@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from prefect_batch_llm.testing.postgres_server import (
+    INGEST_SETTINGS,
     MODULE,
     find_postgres_bin,
     free_port,
@@ -101,6 +102,9 @@ def test_start_run_a_batch_find_it_in_postgres_and_stop(tmp_path: Path) -> None:
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     }
     env.pop("PREFECT_API_URL", None)
+    for key in INGEST_SETTINGS:  # the script's own values apply...
+        env.pop(key, None)
+    env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL"] = "3"  # ...unless set here
     ports = ["--port", str(free_port()), "--api-port", str(free_port())]
     log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(
@@ -126,7 +130,8 @@ def test_start_run_a_batch_find_it_in_postgres_and_stop(tmp_path: Path) -> None:
         assert "PREFECT_API_URL=" + state["api_url"] in (tmp_path / "server.log").read_text()
         # Sized for batch ingest unless the environment says otherwise.
         settings = httpx.get(f"{state['api_url']}/admin/settings", timeout=10).json()
-        assert settings["server"]["services"]["task_run_recorder"]["batch_size"] == 500
+        recorder = settings["server"]["services"]["task_run_recorder"]
+        assert recorder["batch_size"] == 500 and recorder["flush_interval"] == 3
 
         status = script("status", "--data-dir", str(data_dir), env=env)
         assert status.returncode == 0, status.stdout + status.stderr
