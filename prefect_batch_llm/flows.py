@@ -345,7 +345,7 @@ async def batch_llm_sharded(
     input: str,
     strategy: StrategyParameter = "gemini-cached-strategy/handbook-qa",
     output: str | None = None,
-    shards: int = 2,
+    shards: Annotated[int, Field(ge=1)] = 2,
     shard_deployment: str = "batch-llm/file-batch",
     config: FlowConfig = DEFAULT_FLOW_CONFIG,
     fresh: bool = False,
@@ -479,5 +479,17 @@ async def batch_llm_sharded(
     summary = batch.summary(pricing)
     summary["output"] = destination
     summary["shards"] = outcomes
-    _conclude(batch, where)
+    unfinished = [outcome for outcome in outcomes if not outcome.endswith(": Completed")]
+    for outcome in unfinished:
+        logger.warning("Shard run %s", outcome)
+    try:
+        _conclude(batch, where)
+    except BatchFailedError as exc:
+        if not unfinished:
+            raise
+        raise BatchFailedError(
+            f"{exc}. Shard run(s) that did not complete: {'; '.join(unfinished)}. Run this "
+            "flow again with the same input and output to resume (completed items are not "
+            "billed again)."
+        ) from None
     return summary

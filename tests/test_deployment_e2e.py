@@ -208,7 +208,10 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(
                 "--param",
                 f"output={sharded_output}",
                 "--param",
-                'config={"max_failed_fraction": 0.1}',
+                'config={"max_failed_fraction": 0.1, "global_limit_name": "e2e-quota", '
+                '"global_requests_per_minute": 600}',
+                "--param",
+                "fresh=true",  # calls the model again (through the global limit)
             ],
             env=env,
             cwd=REPO,
@@ -217,6 +220,10 @@ async def test_deploy_from_prefect_yaml_and_run_with_parameters(
             timeout=300,
         )
         assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
+        inspect = [*PREFECT, "gcl", "inspect", "e2e-quota-rpm", "--output", "json"]
+        limit = subprocess.run(inspect, env=env, capture_output=True, text=True)
+        assert limit.returncode == 0, limit.stdout + limit.stderr
+        assert json.loads(limit.stdout)["slot_decay_per_second"] > 0, "a rate, shared by shards"
 
         # A CSV without a prompt column: every item fails, the run ends Failed.
         no_prompt = tmp_path / "no_prompt.csv"

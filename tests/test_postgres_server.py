@@ -136,6 +136,8 @@ def test_start_run_a_batch_find_it_in_postgres_and_stop(tmp_path: Path) -> None:
         status = script("status", "--data-dir", str(data_dir), env=env)
         assert status.returncode == 0, status.stdout + status.stderr
         assert "postgres: running" in status.stdout and "healthy" in status.stdout
+        password = (data_dir / "password").read_text().strip()
+        assert password not in status.stdout + (data_dir / "state.json").read_text()
 
         ran = subprocess.run(
             [sys.executable, "-c", FLOW],
@@ -150,7 +152,8 @@ def test_start_run_a_batch_find_it_in_postgres_and_stop(tmp_path: Path) -> None:
         # The server records task runs from the client's events: poll Postgres itself.
         wanted = {f"pg-{i}": "COMPLETED" for i in range(ITEMS)}
         waited = time.monotonic() + 30
-        while (rows := asyncio.run(task_runs_in_postgres(state["database_url"]))) != wanted:
+        database_url = state["database_url"].replace("***", password)
+        while (rows := asyncio.run(task_runs_in_postgres(database_url))) != wanted:
             assert time.monotonic() < waited, rows
             time.sleep(1)
 

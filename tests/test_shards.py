@@ -219,8 +219,10 @@ async def test_four_shards_share_one_cache_and_a_shard_killed_mid_run_resumes_it
         again = await batch_llm_sharded(**arguments)
         second = emulator.stats()
 
-    # The killed shard's run crashed; the parent still wrote one result per item and failed.
+    # The killed shard's run crashed; the parent still wrote one result per item and failed,
+    # naming the shard run and what to do.
     assert state.is_failed()
+    assert "Crashed" in str(state.message) and "Run this flow again" in str(state.message)
     async with get_client() as client:
         assert (await client.read_flow_run(killed)).state.is_crashed()  # type: ignore[union-attr]
     assert sorted(r["id"] for r in results) == sorted(f"s{i}" for i in range(40))

@@ -422,7 +422,8 @@ def serve(args: argparse.Namespace) -> int:
                 "prefect_pid": prefect.pid,
                 "postgres_port": port,
                 "api_url": api_url,
-                "database_url": url,
+                "database_url": cluster.database_url(hide_password=True),
+                "password_file": str(cluster.password_file),
                 "pgdata": str(cluster.pgdata),
                 "bin_dir": str(bin_dir),
             },
@@ -531,7 +532,10 @@ def status(args: argparse.Namespace) -> int:
     if state:
         print(f"prefect server: {'healthy' if healthy else 'not answering'} at {state['api_url']}")
         print(f"PREFECT_API_URL={state['api_url']}")
-        print(f"PREFECT_API_DATABASE_CONNECTION_URL={state['database_url']}")
+        print(
+            f"PREFECT_API_DATABASE_CONNECTION_URL={state['database_url']} "
+            f"(password in {state.get('password_file', 'the data directory')})"
+        )
     else:
         print("prefect server: not started by this script")
     return 0 if pg_pid and healthy else 3
